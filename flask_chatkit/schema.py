@@ -1,0 +1,171 @@
+"""Tables and engine set-up for :class:`flask_chatkit.store.SQLAlchemyStore`.
+
+Imports nothing of Flask. Every table has an autoincrement ``seq`` column: it
+breaks ties between rows with the same ``created_at`` so keyset pages never skip
+or repeat a row, and the composite indexes below match those keyset queries.
+``created_at`` columns hold naive UTC (aware values are converted); the exact
+original value, naive or aware, lives in the JSON ``payload``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import QueuePool, StaticPool
+
+__all__ = ["Tables", "build_engine", "build_tables", "db_time", "engine_pool_capacity"]
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 5
+
+# SQLite only gives INTEGER PRIMARY KEY columns rowid autoincrement semantics.
+_SEQ = BigInteger().with_variant(Integer(), "sqlite")
+_JSON = JSON(none_as_null=True)
+
+
+@dataclass(frozen=True)
+class Tables:
+    metadata: MetaData
+    threads: Table
+    items: Table
+    attachments: Table
+
+
+def build_tables(prefix: str = "chatkit_") -> Tables:
+    metadata = MetaData()
+    threads = Table(
+        f"{prefix}threads",
+        metadata,
+        Column("seq", _SEQ, primary_key=True, autoincrement=True),
+        Column("owner", String(255), nullable=False),
+        Column("id", String(255), nullable=False),
+        Column("created_at", DateTime(), nullable=False),
+        Column("payload", _JSON, nullable=False),
+        UniqueConstraint("owner", "id", name=f"uq_{prefix}threads_owner_id"),
+        Index(f"ix_{prefix}threads_owner_created", "owner", "created_at", "seq"),
+    )
+    items = Table(
+        f"{prefix}items",
+        metadata,
+        Column("seq", _SEQ, primary_key=True, autoincrement=True),
+        Column("owner", String(255), nullable=False),
+        Column("thread_id", String(255), nullable=False),
+        Column("id", String(255), nullable=False),
+        Column("created_at", DateTime(), nullable=False),
+        Column("payload", _JSON, nullable=False),
+        UniqueConstraint("owner", "thread_id", "id", name=f"uq_{prefix}items_owner_thread_id"),
+        Index(f"ix_{prefix}items_thread_created", "thread_id", "created_at", "seq"),
+    )
+    attachments = Table(
+        f"{prefix}attachments",
+        metadata,
+        Column("seq", _SEQ, primary_key=True, autoincrement=True),
+        Column("owner", String(255), nullable=False),
+        Column("id", String(255), nullable=False),
+        Column("thread_id", String(255), nullable=True),
+        Column("payload", _JSON, nullable=False),
+        UniqueConstraint("owner", "id", name=f"uq_{prefix}attachments_owner_id"),
+        Index(f"ix_{prefix}attachments_owner_thread", "owner", "thread_id"),
+    )
+    return Tables(metadata, threads, items, attachments)
+
+
+def db_time(value: datetime) -> datetime:
+    """The sortable column value: naive UTC (naive input is taken as is)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=None)
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def is_sqlite_memory(url: URL) -> bool:
+    database = url.database or ""
+    return (
+        database in ("", ":memory:")
+        or database.startswith("file::memory:")
+        or url.query.get("mode") == "memory"
+    )
+
+
+def _sqlite_on_connect(wal: bool) -> Any:
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        # Let the store issue BEGIN / BEGIN IMMEDIATE itself (pysqlite's implicit
+        # deferred BEGIN would let two writers deadlock into "database is locked").
+        dbapi_conn.isolation_level = None
+        cursor = dbapi_conn.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+            if wal:
+                cursor.execute("PRAGMA journal_mode=WAL")
+                cursor.execute("PRAGMA synchronous=NORMAL")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def build_engine(url_or_str: str | URL, pool_size: int | None = None) -> Engine:
+    """An engine configured for the store: SQLite WAL/busy timeout, PG pre-ping and fast fail."""
+    url = make_url(url_or_str)
+    backend = url.get_backend_name()
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")
+        backend = "postgresql"
+    if backend == "sqlite":
+        if is_sqlite_memory(url):
+            engine = create_engine(
+                url,
+                poolclass=StaticPool,
+                connect_args={"check_same_thread": False},
+            )
+            event.listen(engine, "connect", _sqlite_on_connect(wal=False))
+            return engine
+        engine = create_engine(
+            url,
+            poolclass=QueuePool,
+            pool_size=pool_size or 5,
+            max_overflow=10,
+            connect_args={
+                "check_same_thread": False,
+                "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
+            },
+        )
+        event.listen(engine, "connect", _sqlite_on_connect(wal=True))
+        return engine
+    kwargs: dict[str, Any] = {
+        "pool_pre_ping": True,
+        "pool_size": pool_size or 10,
+        "max_overflow": 10,
+    }
+    if backend == "postgresql":
+        kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
+    return create_engine(url, **kwargs)
+
+
+def engine_pool_capacity(engine: Engine) -> int:
+    """How many connections the engine can hand out at once (sizes the worker pool)."""
+    pool = engine.pool
+    if isinstance(pool, StaticPool):
+        return 1
+    if isinstance(pool, QueuePool):
+        overflow = pool._max_overflow  # no public accessor
+        size = pool.size()
+        return max(1, size + (overflow if overflow > 0 else size))
+    return 8

@@ -1,0 +1,409 @@
+"""``SQLAlchemyStore``: a ``chatkit.store.Store`` on SQLite or PostgreSQL.
+
+Imports nothing of Flask (a FastAPI or Django ChatKit host can use it as is).
+Every read and write is scoped by the owner key ``owner(context)``. The async
+methods run their blocking SQLAlchemy work on native OS threads (see
+:mod:`flask_chatkit.threads`) so a database round trip never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, TypeVar
+
+from chatkit.store import NotFoundError, Store
+from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
+from pydantic import TypeAdapter
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    and_,
+    delete,
+    exists,
+    insert,
+    select,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from .schema import (
+    build_engine,
+    build_tables,
+    db_time,
+    engine_pool_capacity,
+    is_sqlite_memory,
+)
+from .threads import NativeThreadPool, native_lock
+
+__all__ = ["SQLAlchemyStore", "default_owner"]
+
+T = TypeVar("T")
+_THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
+_CHUNK = 500
+
+
+@lru_cache(maxsize=1)
+def _item_adapter() -> TypeAdapter[ThreadItem]:
+    return TypeAdapter(ThreadItem)
+
+
+@lru_cache(maxsize=1)
+def _attachment_adapter() -> TypeAdapter[Attachment]:
+    return TypeAdapter(Attachment)
+
+
+def default_owner(context: Any) -> str:
+    """The default owner key: ``context.user_id``."""
+    key: str = getattr(context, "user_id")  # noqa: B009 - any context with a user_id
+    return key
+
+
+def _thread_payload(thread: ThreadMetadata) -> dict[str, Any]:
+    return thread.model_dump(mode="json", include=set(_THREAD_FIELDS))
+
+
+class SQLAlchemyStore(Store[Any]):
+    """ChatKit store over SQLAlchemy (SQLite or PostgreSQL), owner-scoped.
+
+    ``bind`` is a database URL or an existing :class:`~sqlalchemy.Engine`
+    (e.g. Flask-SQLAlchemy's ``db.engine``).
+    """
+
+    def __init__(
+        self,
+        bind: str | URL | Engine,
+        *,
+        owner: Callable[[Any], str] = default_owner,
+        table_prefix: str = "chatkit_",
+        pool_size: int | None = None,
+    ) -> None:
+        if isinstance(bind, Engine):
+            self.engine = bind
+        else:
+            self.engine = build_engine(bind, pool_size=pool_size)
+        self._owner = owner
+        self.table_prefix = table_prefix
+        tables = build_tables(table_prefix)
+        self.metadata = tables.metadata
+        self.threads = tables.threads
+        self.items = tables.items
+        self.attachments = tables.attachments
+        self.dialect = self.engine.dialect.name
+        self._sqlite = self.dialect == "sqlite"
+        memory = self._sqlite and is_sqlite_memory(self.engine.url)
+        # A single shared in-memory connection must never be used by two threads at once.
+        self._guard: Any = native_lock() if memory else contextlib.nullcontext()
+        workers = 1 if memory else engine_pool_capacity(self.engine)
+        self._pool: NativeThreadPool = NativeThreadPool(max_workers=workers, name="chatkit-store")
+
+    # -- plumbing -------------------------------------------------------------
+    def owner_key(self, context: Any) -> str:
+        key = self._owner(context)
+        if not isinstance(key, str) or not key:
+            raise ValueError(f"owner key must be a non-empty string, got {key!r}")
+        return key
+
+    @contextlib.contextmanager
+    def _tx(self, write: bool = False) -> Iterator[Connection]:
+        """One transaction; on SQLite a write takes the write lock up front."""
+        with self._guard, self.engine.begin() as conn:
+            if self._sqlite:
+                dbapi = conn.connection.dbapi_connection
+                if dbapi is not None and not dbapi.in_transaction:
+                    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
+            yield conn
+
+    def create_all(self) -> None:
+        """Create the tables (idempotent)."""
+        try:
+            with self._tx(write=True) as conn:
+                self.metadata.create_all(conn, checkfirst=True)
+        except DBAPIError:  # another process created them between check and CREATE
+            with self._tx(write=True) as conn:
+                self.metadata.create_all(conn, checkfirst=True)
+
+    def close(self) -> None:
+        """Stop the worker threads (the engine stays usable if it was passed in)."""
+        self._pool.shutdown()
+
+    def _insert(self, table: Table) -> Any:
+        if self.dialect == "postgresql":
+            return pg_insert(table)
+        if self.dialect == "sqlite":
+            return sqlite_insert(table)
+        return None
+
+    def _upsert(
+        self, conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]
+    ) -> None:
+        stmt = self._insert(table)
+        changed = {k: v for k, v in values.items() if k not in keys}
+        if stmt is not None:
+            conn.execute(stmt.values(**values).on_conflict_do_update(
+                index_elements=list(keys), set_=changed
+            ))
+            return
+        where = and_(*(table.c[k] == values[k] for k in keys))
+        if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
+            conn.execute(insert(table).values(**values))
+
+    def _page(
+        self,
+        conn: Connection,
+        table: Table,
+        scope: Any,
+        after: str | None,
+        limit: int,
+        order: str,
+        what: str,
+    ) -> tuple[list[Any], bool]:
+        cols = (table.c.created_at, table.c.seq)
+        desc = order == "desc"
+        query = select(table.c.id, table.c.payload).where(scope)
+        if after is not None:
+            cursor = conn.execute(
+                select(*cols).where(scope, table.c.id == after)
+            ).first()
+            if cursor is None:
+                raise NotFoundError(f"{what} {after} not found")
+            key = tuple_(*cols)
+            query = query.where(key < tuple_(*cursor) if desc else key > tuple_(*cursor))
+        ordering = [c.desc() for c in cols] if desc else list(cols)
+        limit = max(limit, 0)
+        rows = list(conn.execute(query.order_by(*ordering).limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+
+    # -- sync implementations (run on the pool) ------------------------------
+    def _load_thread(self, owner: str, thread_id: str) -> ThreadMetadata:
+        t = self.threads
+        with self._tx() as conn:
+            payload = conn.execute(
+                select(t.c.payload).where(t.c.owner == owner, t.c.id == thread_id)
+            ).scalar()
+        if payload is None:
+            raise NotFoundError(f"Thread {thread_id} not found")
+        return ThreadMetadata.model_validate(payload)
+
+    def _save_thread(self, owner: str, thread: ThreadMetadata) -> None:
+        values = {
+            "owner": owner,
+            "id": thread.id,
+            "created_at": db_time(thread.created_at),
+            "payload": _thread_payload(thread),
+        }
+        with self._tx(write=True) as conn:
+            self._upsert(conn, self.threads, ("owner", "id"), values)
+
+    def _load_threads(
+        self, owner: str, limit: int, after: str | None, order: str
+    ) -> Page[ThreadMetadata]:
+        t = self.threads
+        with self._tx() as conn:
+            rows, more = self._page(conn, t, t.c.owner == owner, after, limit, order, "Thread")
+        data = [ThreadMetadata.model_validate(r.payload) for r in rows]
+        return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
+
+    def _load_thread_items(
+        self, owner: str, thread_id: str, after: str | None, limit: int, order: str
+    ) -> Page[ThreadItem]:
+        i = self.items
+        scope = and_(i.c.thread_id == thread_id, i.c.owner == owner)
+        with self._tx() as conn:
+            rows, more = self._page(conn, i, scope, after, limit, order, "Item")
+        adapter = _item_adapter()
+        data = [adapter.validate_python(r.payload) for r in rows]
+        return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
+
+    def _item_values(self, owner: str, thread_id: str, item: ThreadItem) -> dict[str, Any]:
+        return {
+            "owner": owner,
+            "thread_id": thread_id,
+            "id": item.id,
+            "created_at": db_time(item.created_at),
+            "payload": item.model_dump(mode="json"),
+        }
+
+    def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
+        values = self._item_values(owner, thread_id, item)
+        stmt = self._insert(self.items)
+        with self._tx(write=True) as conn:
+            if stmt is not None:
+                conn.execute(stmt.values(**values).on_conflict_do_nothing(
+                    index_elements=["owner", "thread_id", "id"]
+                ))
+                return
+            with contextlib.suppress(IntegrityError), conn.begin_nested():
+                conn.execute(insert(self.items).values(**values))
+
+    def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
+        values = self._item_values(owner, thread_id, item)
+        with self._tx(write=True) as conn:
+            self._upsert(conn, self.items, ("owner", "thread_id", "id"), values)
+
+    def _load_item(self, owner: str, thread_id: str, item_id: str) -> ThreadItem:
+        i = self.items
+        with self._tx() as conn:
+            payload = conn.execute(
+                select(i.c.payload).where(
+                    i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id
+                )
+            ).scalar()
+        if payload is None:
+            raise NotFoundError(f"Item {item_id} not found")
+        return _item_adapter().validate_python(payload)
+
+    def _delete_thread_item(self, owner: str, thread_id: str, item_id: str) -> None:
+        i = self.items
+        with self._tx(write=True) as conn:
+            conn.execute(
+                delete(i).where(i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id)
+            )
+
+    def _delete_threads(self, conn: Connection, owner: str, ids: Sequence[str]) -> None:
+        for start in range(0, len(ids), _CHUNK):
+            chunk = ids[start : start + _CHUNK]
+            for table, col in (
+                (self.items, self.items.c.thread_id),
+                (self.attachments, self.attachments.c.thread_id),
+                (self.threads, self.threads.c.id),
+            ):
+                conn.execute(delete(table).where(table.c.owner == owner, col.in_(chunk)))
+
+    def _delete_thread(self, owner: str, thread_id: str) -> None:
+        with self._tx(write=True) as conn:
+            self._delete_threads(conn, owner, [thread_id])
+
+    def _save_attachment(self, owner: str, attachment: Attachment) -> None:
+        values = {
+            "owner": owner,
+            "id": attachment.id,
+            "thread_id": attachment.thread_id,
+            "payload": attachment.model_dump(mode="json"),
+        }
+        with self._tx(write=True) as conn:
+            self._upsert(conn, self.attachments, ("owner", "id"), values)
+
+    def _load_attachment(self, owner: str, attachment_id: str) -> Attachment:
+        a = self.attachments
+        with self._tx() as conn:
+            payload = conn.execute(
+                select(a.c.payload).where(a.c.owner == owner, a.c.id == attachment_id)
+            ).scalar()
+        if payload is None:
+            raise NotFoundError(f"Attachment {attachment_id} not found")
+        return _attachment_adapter().validate_python(payload)
+
+    def _delete_attachment(self, owner: str, attachment_id: str) -> None:
+        a = self.attachments
+        with self._tx(write=True) as conn:
+            conn.execute(delete(a).where(a.c.owner == owner, a.c.id == attachment_id))
+
+    # -- chatkit.store.Store ---------------------------------------------------
+    async def load_thread(self, thread_id: str, context: Any) -> ThreadMetadata:
+        return await self._pool.run(self._load_thread, self.owner_key(context), thread_id)
+
+    async def save_thread(self, thread: ThreadMetadata, context: Any) -> None:
+        await self._pool.run(self._save_thread, self.owner_key(context), thread)
+
+    async def load_thread_items(
+        self, thread_id: str, after: str | None, limit: int, order: str, context: Any
+    ) -> Page[ThreadItem]:
+        owner = self.owner_key(context)
+        return await self._pool.run(
+            self._load_thread_items, owner, thread_id, after, limit, order
+        )
+
+    async def save_attachment(self, attachment: Attachment, context: Any) -> None:
+        await self._pool.run(self._save_attachment, self.owner_key(context), attachment)
+
+    async def load_attachment(self, attachment_id: str, context: Any) -> Attachment:
+        return await self._pool.run(self._load_attachment, self.owner_key(context), attachment_id)
+
+    async def delete_attachment(self, attachment_id: str, context: Any) -> None:
+        await self._pool.run(self._delete_attachment, self.owner_key(context), attachment_id)
+
+    async def load_threads(
+        self, limit: int, after: str | None, order: str, context: Any
+    ) -> Page[ThreadMetadata]:
+        owner = self.owner_key(context)
+        return await self._pool.run(self._load_threads, owner, limit, after, order)
+
+    async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
+        await self._pool.run(self._add_thread_item, self.owner_key(context), thread_id, item)
+
+    async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
+        await self._pool.run(self._save_item, self.owner_key(context), thread_id, item)
+
+    async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
+        owner = self.owner_key(context)
+        return await self._pool.run(self._load_item, owner, thread_id, item_id)
+
+    async def delete_thread(self, thread_id: str, context: Any) -> None:
+        await self._pool.run(self._delete_thread, self.owner_key(context), thread_id)
+
+    async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
+        owner = self.owner_key(context)
+        await self._pool.run(self._delete_thread_item, owner, thread_id, item_id)
+
+    # -- sync helpers for the CLI (not part of chatkit's Store) ---------------
+    def iter_owner_threads(
+        self, owner_key: str
+    ) -> Iterator[tuple[ThreadMetadata, list[ThreadItem]]]:
+        """Every thread of ``owner_key`` (oldest first) with all its items, oldest first."""
+        t, i = self.threads, self.items
+        with self._tx() as conn:
+            threads = list(
+                conn.execute(
+                    select(t.c.id, t.c.payload)
+                    .where(t.c.owner == owner_key)
+                    .order_by(t.c.created_at, t.c.seq)
+                )
+            )
+        adapter = _item_adapter()
+        for row in threads:
+            with self._tx() as conn:
+                payloads = conn.execute(
+                    select(i.c.payload)
+                    .where(i.c.thread_id == row.id, i.c.owner == owner_key)
+                    .order_by(i.c.created_at, i.c.seq)
+                ).scalars().all()
+            items = [adapter.validate_python(p) for p in payloads]
+            yield ThreadMetadata.model_validate(row.payload), items
+
+    def export_owner(self, owner_key: str) -> Iterator[dict[str, Any]]:
+        """JSON-ready ``{"thread": ..., "items": [...]}`` records for one owner."""
+        for thread, items in self.iter_owner_threads(owner_key):
+            yield {
+                "thread": _thread_payload(thread),
+                "items": [item.model_dump(mode="json") for item in items],
+            }
+
+    def prune(self, older_than: datetime) -> list[str]:
+        """Delete whole threads whose last activity is before ``older_than``.
+
+        Last activity is the newest ``created_at`` of the thread and its items.
+        Returns the removed thread ids.
+        """
+        cutoff = db_time(older_than)
+        t, i = self.threads, self.items
+        recent_item = exists().where(
+            i.c.owner == t.c.owner, i.c.thread_id == t.c.id, i.c.created_at >= cutoff
+        )
+        query = select(t.c.owner, t.c.id).where(t.c.created_at < cutoff, ~recent_item)
+        removed: list[str] = []
+        with self._tx(write=True) as conn:
+            by_owner: dict[str, list[str]] = {}
+            for owner, thread_id in conn.execute(query.order_by(t.c.created_at, t.c.seq)):
+                by_owner.setdefault(owner, []).append(thread_id)
+                removed.append(thread_id)
+            for owner, ids in by_owner.items():
+                self._delete_threads(conn, owner, ids)
+        return removed
