@@ -1,0 +1,11 @@
+"""flask-chatkit: serve OpenAI ChatKit from a synchronous Flask app.
+
+    chatkit = ChatKit(app, MyServer)   # MyServer subclasses chatkit.server.ChatKitServer
+"""
+
+from .context import RequestContext
+from .extension import ChatKit
+from .store import SQLAlchemyStore
+
+__all__ = ["ChatKit", "RequestContext", "SQLAlchemyStore"]
+__version__ = "0.1.0"

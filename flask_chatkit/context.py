@@ -1,0 +1,71 @@
+"""The per-request ChatKit context and the default way to build it.
+
+The default loader reads Flask-Login's ``current_user``; it must run *inside*
+the request (that is where Flask-Login keeps the user), so the view calls it
+before handing work to the asyncio bridge.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flask import Request, current_app, g, session
+
+from .errors import ChatKitHTTPException
+
+ContextLoader = Callable[[Request, dict[str, Any]], Any]
+
+ANONYMOUS_SESSION_KEY = "_chatkit_anonymous_id"
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What ``respond()`` receives as ``context`` unless a custom loader is set."""
+
+    user_id: str
+    user: Any = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    locale: str | None = None
+    request_id: str = field(default_factory=new_request_id)
+
+
+def _authenticated_user() -> Any:
+    """Flask-Login's user when one is logged in, else None (also without Flask-Login)."""
+    if getattr(current_app, "login_manager", None) is None:
+        return None
+    from flask_login import current_user
+
+    user = current_user._get_current_object()  # unwrap: the context outlives the proxy's request
+    return user if getattr(user, "is_authenticated", False) else None
+
+
+def default_context_loader(request: Request, metadata: dict[str, Any]) -> RequestContext:
+    """Build a :class:`RequestContext` from Flask-Login's ``current_user``.
+
+    Anonymous requests get 401 while ``CHATKIT_LOGIN_REQUIRED`` is True; otherwise
+    each anonymous browser gets a stable id kept in the Flask session.
+    """
+    user = _authenticated_user()
+    if user is not None:
+        user_id = str(user.get_id())
+    elif current_app.extensions["chatkit"].settings.login_required:
+        raise ChatKitHTTPException(401, "Authentication required.")
+    else:
+        user_id = session.get(ANONYMOUS_SESSION_KEY)
+        if not user_id:
+            user_id = f"anon_{uuid.uuid4().hex}"
+            session[ANONYMOUS_SESSION_KEY] = user_id
+    return RequestContext(
+        user_id=user_id,
+        user=user,
+        metadata=dict(metadata),
+        locale=request.accept_languages.best,
+        request_id=g.get("chatkit_request_id") or new_request_id(),
+    )

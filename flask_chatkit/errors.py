@@ -1,0 +1,92 @@
+"""The error contract: every failure is JSON ``{"error": {"code", "message"}}``.
+
+Views raise :class:`ChatKitHTTPException` (or a plain Werkzeug ``HTTPException``,
+e.g. ``abort(401)`` inside a context loader); the blueprint's handlers turn both
+into the same JSON shape so clients never see HTML or a traceback.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Response, jsonify
+from werkzeug.exceptions import HTTPException
+
+# Stable, machine-readable codes per status; clients switch on these.
+STATUS_CODES: dict[int, str] = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    500: "internal_error",
+    503: "service_unavailable",
+}
+
+
+class ChatKitHTTPException(HTTPException):
+    """An HTTP error with a specific code and a message safe to show a client."""
+
+    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+        super().__init__(description=message)
+        self.code = status
+        self.error_code = code or STATUS_CODES.get(status, "error")
+        self.message = message
+
+
+def bad_request(message: str, code: str = "bad_request") -> ChatKitHTTPException:
+    return ChatKitHTTPException(400, message, code)
+
+
+def not_found(message: str) -> ChatKitHTTPException:
+    return ChatKitHTTPException(404, message)
+
+
+def error_response(
+    status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
+) -> Response:
+    body: dict[str, Any] = {
+        "error": {"code": code or STATUS_CODES.get(status, "error"), "message": message}
+    }
+    response = jsonify(body)
+    response.status_code = status
+    if headers:
+        response.headers.update(headers)
+    return response
+
+
+def http_exception_response(exc: HTTPException) -> Response:
+    """JSON for any Werkzeug HTTP error, keeping headers such as ``Allow``."""
+    status = exc.code or 500
+    if isinstance(exc, ChatKitHTTPException):
+        code, message = exc.error_code, exc.message
+    else:
+        code = STATUS_CODES.get(status, "error")
+        message = exc.description or exc.name
+    headers = {
+        k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")
+    }
+    return error_response(status, message, code, headers)
+
+
+def classify_exception(exc: BaseException) -> ChatKitHTTPException | None:
+    """The HTTP error an exception raised while serving stands for, if any.
+
+    None means a real server fault (500).
+    """
+    from chatkit.store import NotFoundError
+    from sqlalchemy import exc as sa_exc
+
+    if isinstance(exc, ChatKitHTTPException):
+        return exc
+    if isinstance(exc, NotFoundError):
+        return ChatKitHTTPException(404, str(exc) or "Not found.")
+    # The database is down or unreachable: a retryable 503, not a traceback.
+    if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError) or (
+        isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
+    ):
+        return ChatKitHTTPException(503, "The database is unavailable; try again shortly.")
+    return None

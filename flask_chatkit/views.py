@@ -1,0 +1,176 @@
+"""The ChatKit HTTP endpoint: validate, authenticate, check ownership, then bridge.
+
+Order of checks for ``POST <prefix>``: method (405) → size (413) → content
+type (415) → JSON and ChatKit schema (400) → context / login (401) → ownership
+of every id the request names (404) — all before ChatKit runs, so a stream is
+never half-started for a request that was going to fail.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+import uuid
+from typing import Any
+
+from chatkit.server import StreamingResult
+from chatkit.store import NotFoundError, Store
+from chatkit.types import ChatKitReq
+from flask import Blueprint, Response, g, request, stream_with_context
+from werkzeug.exceptions import HTTPException
+
+from .bridge import Failure, Stream
+from .errors import (
+    ChatKitHTTPException,
+    classify_exception,
+    error_response,
+    http_exception_response,
+)
+from .protocol import (
+    clamp_page_limit,
+    iter_owned_refs_checks,
+    owned_refs,
+    parse_request,
+    process_parsed,
+    serialize_request,
+)
+from .security import apply_cors, check_origin, preflight_response
+from .state import ChatKitState, get_state
+
+logger = logging.getLogger("flask_chatkit")
+
+ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def create_blueprint(*, console: bool = False) -> Blueprint:
+    bp = Blueprint("chatkit", __name__, static_folder="static", static_url_path="/static")
+    # Every method reaches the view so a wrong one gets the JSON 405, not HTML.
+    bp.add_url_rule("", "endpoint", chatkit_endpoint, methods=ALL_METHODS, strict_slashes=False)
+    from .attachment_views import register_attachment_routes
+
+    register_attachment_routes(bp, ALL_METHODS)
+    if console:
+        from .console import console_view
+
+        bp.add_url_rule("/console", "console", console_view, methods=["GET"])
+    bp.before_request(_before_request)
+    bp.after_request(_after_request)
+    bp.register_error_handler(HTTPException, _handle_http_exception)
+    bp.register_error_handler(Exception, _handle_exception)
+    return bp
+
+
+def _before_request() -> Response | None:
+    g.chatkit_request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    check_origin(get_state().settings)
+    if request.method == "OPTIONS":
+        return preflight_response(get_state().settings)
+    return None
+
+
+def _after_request(response: Response) -> Response:
+    response.headers.setdefault("X-Request-ID", g.get("chatkit_request_id", ""))
+    apply_cors(response, get_state().settings)
+    return response
+
+
+def _handle_http_exception(exc: HTTPException) -> Response:
+    return http_exception_response(exc)
+
+
+def _handle_exception(exc: Exception) -> Response:
+    known = classify_exception(exc)
+    if known is not None:
+        if known.code == 503:
+            logger.warning("database unavailable (request %s): %s", g.get("chatkit_request_id"), exc)
+        return http_exception_response(known)
+    request_id = g.get("chatkit_request_id", "-")
+    logger.exception("ChatKit request %s failed", request_id)
+    return error_response(500, f"Internal server error (request id {request_id}).")
+
+
+def method_not_allowed(allowed: str) -> ChatKitHTTPException:
+    exc = ChatKitHTTPException(405, f"Method {request.method} not allowed; use {allowed}.")
+    exc.get_headers = lambda *a, **k: [("Allow", allowed)]  # type: ignore[method-assign]
+    return exc
+
+
+def read_limited_body(limit: int) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` without buffering it all."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
+    body = request.stream.read(limit + 1)
+    if len(body) > limit:
+        raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
+    return body
+
+
+def chatkit_endpoint() -> Response:
+    if request.method != "POST":
+        raise method_not_allowed("POST, OPTIONS")
+    state = get_state()
+    settings = state.settings
+    body = read_limited_body(settings.max_request_bytes)
+    if request.mimetype != "application/json":
+        raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
+    parsed = parse_request(body)
+    if clamp_page_limit(parsed, settings.max_page_size):
+        body = serialize_request(parsed)
+    context = state.context_loader(request, parsed.metadata)
+    state.ensure_schema()
+    return run_chatkit_request(state, parsed, body, context)
+
+
+def run_chatkit_request(
+    state: ChatKitState, parsed: ChatKitReq, body: bytes, context: Any
+) -> Response:
+    # Flask's app/request contexts and Flask-Login's user live in contextvars:
+    # the copy makes them visible inside respond() on the loop thread.
+    ctx = contextvars.copy_context()
+
+    async def start() -> Any:
+        await verify_ownership(state.store, parsed, context)
+        return await process_parsed(state.server, parsed, body, context)
+
+    result = state.loop_thread.run(start, ctx)
+    if not isinstance(result, StreamingResult):
+        return Response(result.json, mimetype="application/json")
+
+    settings = state.settings
+    stream = Stream(
+        state.loop_thread,
+        result,
+        ctx,
+        heartbeat=settings.heartbeat_seconds,
+        cancel_timeout=settings.cancel_timeout,
+        on_disconnect=settings.on_disconnect,
+    )
+    stream.start()
+    first = stream.first()
+    if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
+        raise first.exc
+    return Response(
+        stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) -> None:
+    """404 for any thread, item or attachment id that is unknown or not the caller's.
+
+    ChatKit alone answers a foreign ``items.list`` with an empty page and a
+    foreign ``threads.delete`` with ``{}``; checking here makes both a 404.
+    """
+    refs = owned_refs(parsed)
+    for kind, ref_id in iter_owned_refs_checks(refs):
+        try:
+            if kind == "thread":
+                await store.load_thread(ref_id, context=context)
+            elif kind == "item":
+                assert refs.thread_id is not None
+                await store.load_item(refs.thread_id, ref_id, context=context)
+            else:
+                await store.load_attachment(ref_id, context=context)
+        except NotFoundError:
+            raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None
