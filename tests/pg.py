@@ -1,0 +1,74 @@
+"""PostgreSQL fixtures (a pytest plugin: ``pytest_plugins = ["tests.pg"]``).
+
+``pg_cluster`` / ``postgres_url``: one throwaway cluster per test session.
+``private_pg_cluster``: a cluster of the test's own, free to ``stop()``/``start()``.
+``store_url``: a fresh database per test, on SQLite and on PostgreSQL.
+When PostgreSQL cannot be started the PostgreSQL tests are skipped LOUDLY.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from bench.pgcluster import ClusterUnavailable, PostgresCluster
+
+__all__ = ["PostgresCluster"]
+
+
+def _unavailable(reason: str) -> None:
+    message = f"\n!!!!! PostgreSQL tests SKIPPED: {reason.strip()} !!!!!\n"
+    print(message, file=sys.__stderr__, flush=True)
+    warnings.warn(message, stacklevel=2)
+    pytest.skip(message)
+
+
+def _create_cluster() -> PostgresCluster:
+    try:
+        return PostgresCluster.create()
+    except ClusterUnavailable as exc:
+        _unavailable(str(exc))
+        raise  # unreachable: skip raises
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PostgresCluster]:
+    cluster = _create_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(pg_cluster: PostgresCluster) -> str:
+    """``postgresql+psycopg://chatkit@127.0.0.1:PORT/chatkit`` (trust auth)."""
+    return pg_cluster.url
+
+
+@pytest.fixture
+def private_pg_cluster() -> Iterator[PostgresCluster]:
+    """A cluster only this test uses: stop and restart it at will."""
+    cluster = _create_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """An empty database of its own for each test: a SQLite file, or a new PG database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'chatkit.sqlite3'}"
+        return
+    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    url = cluster.create_database()
+    try:
+        yield url
+    finally:
+        cluster.drop_database(url.rsplit("/", 1)[1])
