@@ -120,7 +120,8 @@ def create_test_app(
     def mark() -> None:
         g.marker = "set-in-before-request"
 
-    chatkit = ChatKit(app, server_cls, store=store if store is not None else MemoryStore())
+    # store=None: the extension's default SQLAlchemyStore on CHATKIT_DATABASE_URL.
+    chatkit = ChatKit(app, server_cls, store=store)
 
     @app.get("/_test/observations")
     def observations() -> Any:

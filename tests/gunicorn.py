@@ -1,0 +1,95 @@
+"""Start a real gunicorn on a free loopback port for integration tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import gunicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited early with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"gunicorn did not listen on {port} within {timeout}s")
+
+
+@dataclass
+class RunningServer:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+
+@contextmanager
+def start_gunicorn(
+    tmp_path: Path,
+    app_spec: str = "tests.apps:gunicorn_app()",
+    env: dict[str, str] | None = None,
+    worker_class: str = "gevent",
+    workers: int = 1,
+    extra_args: list[str] | None = None,
+) -> Iterator[RunningServer]:
+    port = free_port()
+    log_path = tmp_path / f"gunicorn-{port}.log"
+    args = [
+        GUNICORN,
+        "-k", worker_class,
+        "-w", str(workers),
+        "--bind", f"127.0.0.1:{port}",
+        "--graceful-timeout", "5",
+        "--timeout", "60",
+        "--worker-connections", "4000",
+    ]
+    if gunicorn.version_info >= (27,):
+        args.append("--no-control-socket")  # several servers at once must not share one
+    args += [*(extra_args or []), app_spec]
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    child_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        yield RunningServer(f"http://127.0.0.1:{port}", port, proc, log_path)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)

@@ -1,0 +1,55 @@
+"""Tiny HTTP helpers for integration tests against a real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+from urllib.parse import urlparse
+
+import requests
+
+
+def user_input(text: str, attachments: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "content": [{"type": "input_text", "text": text}],
+        "attachments": attachments or [],
+        "inference_options": {},
+    }
+
+
+def create_request(text: str) -> dict[str, Any]:
+    return {"type": "threads.create", "params": {"input": user_input(text)}}
+
+
+def logged_in_session(base_url: str, user: str) -> requests.Session:
+    session = requests.Session()
+    assert session.post(f"{base_url}/login/{user}", timeout=10).status_code == 200
+    return session
+
+
+def sse_events(response: requests.Response) -> list[tuple[float, dict[str, Any]]]:
+    """(arrival time, event) for each ``data:`` line of a streaming response."""
+    events = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            events.append((time.monotonic(), json.loads(line[6:])))
+    return events
+
+
+def raw_stream_request(base_url: str, cookie: str, payload: dict[str, Any]) -> socket.socket:
+    """Open a raw socket and send a ChatKit POST; the caller reads and closes it."""
+    parsed = urlparse(base_url)
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection((parsed.hostname, parsed.port), timeout=30)
+    head = (
+        f"POST /chatkit HTTP/1.1\r\nHost: {parsed.netloc}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    sock.sendall(head + body)
+    return sock
+
+
+def cookie_header(session: requests.Session) -> str:
+    return "; ".join(f"{c.name}={c.value}" for c in session.cookies)
