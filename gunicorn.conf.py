@@ -29,3 +29,9 @@ errorlog = "-"
 loglevel = os.environ.get("GUNICORN_LOG_LEVEL", "info")
 # Forwarded headers are trusted only from these addresses (use ProxyFix in the app too).
 forwarded_allow_ips = os.environ.get("FORWARDED_ALLOW_IPS", "127.0.0.1")
+# gunicorn >= 27 opens a control socket at one fixed path per user, so two servers on
+# one machine (tests, several apps) would collide; off unless GUNICORN_CONTROL_SOCKET
+# names a path. Older gunicorn ignores both settings.
+control_socket_disable = not os.environ.get("GUNICORN_CONTROL_SOCKET")
+if not control_socket_disable:
+    control_socket = os.environ["GUNICORN_CONTROL_SOCKET"]

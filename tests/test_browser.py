@@ -1,0 +1,236 @@
+"""End to end in a real browser: gunicorn -k gevent + the demo app + headless Chromium.
+
+The server is the repo's own ``gunicorn.conf.py`` + ``wsgi:app``, pointed by environment
+variables at a temporary instance folder and SQLite database. Chromium is Debian's
+``/usr/bin/chromium`` (``make system-deps``), driven by Playwright's Python package;
+Playwright's own browser download is never used. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+PENDING = re.compile(r"\bpending\b")
+WAIT_MS = 15_000  # default bound for every Playwright wait
+WORD_DELAY = "0.05"  # seconds between streamed words: the long answer takes ~12 s
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(
+        f"BROWSER TESTS SKIPPED: {CHROMIUM} is missing. Install Debian's chromium "
+        "(`make system-deps`, or `apt-get install chromium`) to run them.",
+        allow_module_level=True,
+    )
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+expect = sync_api.expect
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gunicorn exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as res:
+                if res.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise TimeoutError(f"gunicorn not healthy within {timeout}s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``gunicorn -c gunicorn.conf.py wsgi:app`` on a free port, with a throwaway instance."""
+    tmp = tmp_path_factory.mktemp("browser-server")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    env.update(
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        GUNICORN_BIND=f"127.0.0.1:{port}",
+        WEB_CONCURRENCY="1",
+        FLASK_INSTANCE_PATH=str(tmp / "instance"),
+        CHATKIT_DATABASE_URL=f"sqlite:///{tmp / 'chatkit.sqlite3'}",
+        SECRET_KEY="browser-test-secret",
+        DEMO_WORD_DELAY=WORD_DELAY,
+        DEMO_OFFLINE="1",
+    )
+    log = tmp / "gunicorn.log"
+    gunicorn = str(Path(sys.executable).with_name("gunicorn"))
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [gunicorn, "-c", "gunicorn.conf.py", "wsgi:app"],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc, log, timeout=30)
+        yield url
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        print(f"--- gunicorn log ({log}) ---\n{log.read_text(errors='replace')[-5000:]}")
+
+
+@pytest.fixture(scope="module")
+def browser_context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    with sync_api.sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1280, "height": 800},
+        )
+        context.set_default_timeout(WAIT_MS)
+        context.set_default_navigation_timeout(WAIT_MS)
+        # Offline by design: OpenAI's CDN is refused, so the demo page must fall back.
+        context.route("https://cdn.platform.openai.com/**", lambda route: route.abort())
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="module")
+def page(browser_context: Any, server: str) -> Iterator[Any]:
+    """A page signed in as ``alice`` through the demo's login form."""
+    page = browser_context.new_page()
+    page.goto(server + "/")
+    expect(page).to_have_url(server + "/login?next=%2F")
+    page.fill("#username", "alice")
+    page.click("#login-submit")
+    expect(page.get_by_test_id("signed-in-as")).to_contain_text("alice")
+    yield page
+    page.close()
+
+
+def assistant_texts(page: Any) -> list[str]:
+    texts: list[str] = page.locator("#messages .message.assistant .text").all_inner_texts()
+    return texts
+
+
+def test_index_falls_back_to_console_without_cdn(page: Any, server: str, tmp_path: Path) -> None:
+    page.goto(server + "/")
+    expect(page.locator("body")).to_have_attribute("data-chatkit", "fallback")
+    frame = page.locator("#console-frame")
+    expect(frame).to_have_attribute("src", "/chatkit/console")
+    console = page.frame_locator("#console-frame")
+    expect(console.locator("#composer-input")).to_be_visible()
+    expect(console.locator("#api-url")).to_have_text("/chatkit")
+    page.screenshot(path=str(tmp_path / "fallback.png"))
+
+
+def test_stream_stop_and_reload_keeps_partial(page: Any, server: str, tmp_path: Path) -> None:
+    p = page
+    p.goto(server + "/chatkit/console")
+    expect(p.locator("body")).to_have_attribute("data-ready", "true")
+
+    # 1. A first message: the reply streams in, word by word, then completes.
+    p.fill("#composer-input", "Hello from the browser")
+    p.click("#send")
+    assistant = p.locator("#messages .message.assistant")
+    expect(assistant.first).to_have_class(PENDING)
+    expect(assistant.first).to_contain_text("You said 1 message so far", timeout=20_000)
+    expect(assistant.first).not_to_have_class(PENDING)
+    expect(p.locator("#messages .message.user .text")).to_have_text(["Hello from the browser"])
+    deltas = p.locator('#event-log li[data-type="thread.item.updated"]').count()
+    assert deltas > 10, f"expected many streamed deltas, saw {deltas}"
+    expect(p.locator("#thread-title")).to_have_text("Hello from the browser")
+    expect(p.locator("#thread-list li")).to_have_count(1)
+
+    # 2. A long answer, stopped mid-way.
+    p.fill("#composer-input", "Now tell me something long please")
+    p.click("#send")
+    p.wait_for_function(
+        """() => {
+            const el = document.querySelector('#messages .message.assistant.pending .text');
+            return el && el.textContent.split(/\\s+/).length > 25;
+        }""",
+        timeout=20_000,
+    )
+    expect(p.locator("#stop")).to_be_enabled()
+    p.click("#stop")
+    stopped = p.locator("#messages .message.assistant.stopped")
+    expect(stopped).to_have_count(1)
+    expect(p.locator("#status")).to_contain_text("Stopped")
+    seen = stopped.locator(".text").inner_text()
+    assert "end of the long answer" not in seen
+    p.screenshot(path=str(tmp_path / "console-stopped.png"))
+
+    # 3. Reload: the thread reopens from the URL and the partial reply was kept.
+    deadline = time.monotonic() + 15
+    while True:
+        p.reload()
+        expect(p.locator("body")).to_have_attribute("data-ready", "true")
+        if len(assistant_texts(p)) == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    texts = assistant_texts(p)
+    assert len(texts) == 2, f"after reload: {texts!r}"
+    kept = texts[1]
+    assert kept.startswith(seen.strip()[:60]), (seen, kept)
+    assert len(kept) >= len(seen.strip())
+    assert "end of the long answer" not in kept
+    expect(p.locator("#thread-title")).to_have_text("Hello from the browser")
+    p.screenshot(path=str(tmp_path / "console-after-reload.png"))
+    print(f"screenshots in {tmp_path}")
+
+
+def test_widget_button_runs_action(page: Any, server: str, tmp_path: Path) -> None:
+    p = page
+    p.goto(server + "/chatkit/console")
+    expect(p.locator("body")).to_have_attribute("data-ready", "true")
+    p.click("#new-thread")
+    p.fill("#composer-input", "Show me a widget")
+    p.click("#send")
+    button = p.locator("#messages .widget button.widget-button")
+    expect(button).to_have_text("Tell me more", timeout=20_000)
+    expect(p.locator("#send")).to_be_enabled(timeout=20_000)
+    button.click()
+    expect(p.locator("#messages .message.assistant").last).to_contain_text(
+        "You pressed the widget's button", timeout=20_000
+    )
+    expect(button).to_have_text("Thanks!")
+    expect(button).to_be_disabled()
+    p.screenshot(path=str(tmp_path / "console-widget.png"))
