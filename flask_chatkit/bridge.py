@@ -22,7 +22,8 @@ from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
-from chatkit.types import ErrorCode, ErrorEvent
+from chatkit.errors import ErrorCode
+from chatkit.types import ErrorEvent
 
 from .threads import NativeThreadPool, gevent_patched, native_lock, start_native_thread
 
@@ -148,7 +149,9 @@ class LoopThread:
         self.loop.call_soon_threadsafe(fn, *args, context=context)
 
     def run(
-        self, make_coro: Callable[[], Awaitable[T]], context: contextvars.Context,
+        self,
+        make_coro: Callable[[], Awaitable[T]],
+        context: contextvars.Context,
         timeout: float | None = None,
     ) -> T:
         """Run a coroutine on the loop and block this greenlet/thread until it ends."""

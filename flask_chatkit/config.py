@@ -71,7 +71,9 @@ def read_settings(app: Flask) -> Settings:
     prefix = "/" + str(c["CHATKIT_URL_PREFIX"]).strip("/")
     on_disconnect = c["CHATKIT_ON_DISCONNECT"]
     if on_disconnect not in ("cancel", "finish"):
-        raise ValueError(f"CHATKIT_ON_DISCONNECT must be 'cancel' or 'finish', got {on_disconnect!r}")
+        raise ValueError(
+            f"CHATKIT_ON_DISCONNECT must be 'cancel' or 'finish', got {on_disconnect!r}"
+        )
     origins = c["CHATKIT_ALLOWED_ORIGINS"]
     if isinstance(origins, str):
         origins = [o for o in origins.replace(",", " ").split() if o]

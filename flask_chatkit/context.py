@@ -58,7 +58,7 @@ def default_context_loader(request: Request, metadata: dict[str, Any]) -> Reques
     elif current_app.extensions["chatkit"].settings.login_required:
         raise ChatKitHTTPException(401, "Authentication required.")
     else:
-        user_id = session.get(ANONYMOUS_SESSION_KEY)
+        user_id = str(session.get(ANONYMOUS_SESSION_KEY) or "")
         if not user_id:
             user_id = f"anon_{uuid.uuid4().hex}"
             session[ANONYMOUS_SESSION_KEY] = user_id

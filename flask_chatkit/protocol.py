@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from chatkit import server as sdk_server
+from chatkit.logger import logger as sdk_logger
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
     ChatKitReq,
@@ -129,7 +129,7 @@ async def process_parsed(
     """Equivalent of ``server.process(raw_body, context)`` for an already parsed request."""
     if not _sdk_process_is_stock(server):
         return await server.process(raw_body, context)
-    sdk_server.logger.info(f"Received request op: {request.type}")
+    sdk_logger.info(f"Received request op: {request.type}")
     if is_streaming_req(request):
         return StreamingResult(server._process_streaming(request, context))
     return NonStreamingResult(await server._process_non_streaming(request, context))

@@ -71,7 +71,9 @@ def parse_sse(body: bytes) -> list[ThreadStreamEvent]:
     events = []
     for block in body.decode("utf-8").split("\n\n"):
         data = "\n".join(
-            line[len("data:") :].lstrip(" ") for line in block.splitlines() if line.startswith("data:")
+            line[len("data:") :].lstrip(" ")
+            for line in block.splitlines()
+            if line.startswith("data:")
         )
         if data:
             events.append(_EVENT_ADAPTER.validate_json(data))
@@ -109,7 +111,9 @@ class ChatKitClient:
             "inference_options": {},
         }
 
-    def create_thread(self, text: str, attachments: list[str] | None = None) -> list[ThreadStreamEvent]:
+    def create_thread(
+        self, text: str, attachments: list[str] | None = None
+    ) -> list[ThreadStreamEvent]:
         result: list[ThreadStreamEvent] = self.send(
             {"type": "threads.create", "params": {"input": self._input(text, attachments)}}
         )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import _queue
 import asyncio
 import concurrent.futures
+import contextlib
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -114,22 +115,22 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
                 future.set_exception(value)
 
         def job() -> None:
+            outcome: tuple[bool, Any]
             try:
-                result = fn(*args)
+                outcome = (True, fn(*args))
             except BaseException as exc:  # handed back to the awaiting coroutine
                 outcome = (False, exc)
-            else:
-                outcome = (True, result)
-            try:
+            # RuntimeError: the loop closed while we worked; nobody is waiting.
+            with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(settle, *outcome)
-            except RuntimeError:  # loop closed while we worked: nobody is waiting
-                pass
 
         self._dispatch(job)
         return await future
 
     # -- concurrent.futures.Executor ------------------------------------
-    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[T]:
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def job() -> None:

@@ -83,7 +83,9 @@ def _handle_exception(exc: Exception) -> Response:
     known = classify_exception(exc)
     if known is not None:
         if known.code == 503:
-            logger.warning("database unavailable (request %s): %s", g.get("chatkit_request_id"), exc)
+            logger.warning(
+                "database unavailable (request %s): %s", g.get("chatkit_request_id"), exc
+            )
         return http_exception_response(known)
     request_id = g.get("chatkit_request_id", "-")
     logger.exception("ChatKit request %s failed", request_id)

@@ -99,9 +99,7 @@ class ScriptedServer(ChatKitServer[RequestContext]):
         yield ThreadItemDoneEvent(item=item)
 
 
-def create_test_app(
-    store: Any = None, server_cls: Any = ScriptedServer, **config: Any
-) -> Flask:
+def create_test_app(store: Any = None, server_cls: Any = ScriptedServer, **config: Any) -> Flask:
     app = Flask("chatkit_test_app", instance_path=config.pop("instance_path", None))
     app.config.update(SECRET_KEY="test-secret", TESTING=True)
     app.config.update(config)

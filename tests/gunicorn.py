@@ -68,12 +68,18 @@ def start_gunicorn(
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
         GUNICORN,
-        "-k", worker_class,
-        "-w", str(workers),
-        "--bind", f"127.0.0.1:{port}",
-        "--graceful-timeout", "5",
-        "--timeout", "60",
-        "--worker-connections", "4000",
+        "-k",
+        worker_class,
+        "-w",
+        str(workers),
+        "--bind",
+        f"127.0.0.1:{port}",
+        "--graceful-timeout",
+        "5",
+        "--timeout",
+        "60",
+        "--worker-connections",
+        "4000",
     ]
     if gunicorn.version_info >= (27,):
         args.append("--no-control-socket")  # several servers at once must not share one

@@ -126,4 +126,6 @@ def _page(rows: list[Any], after: str | None, limit: int) -> Page[Any]:
         start = ids.index(after) + 1
     window = rows[start : start + limit]
     has_more = start + limit < len(rows)
-    return Page(data=window, has_more=has_more, after=window[-1].id if has_more and window else None)
+    return Page(
+        data=window, has_more=has_more, after=window[-1].id if has_more and window else None
+    )

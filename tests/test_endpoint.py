@@ -72,12 +72,16 @@ def test_add_user_message_continues_thread(alice: ChatKitClient) -> None:
     thread_id = thread_id_of(alice.create_thread("first words=1"))
     alice.add_user_message(thread_id, "second words=2")
     texts = [
-        i.content[0].text for i in alice.list_items(thread_id).data if isinstance(i, UserMessageItem)
+        i.content[0].text
+        for i in alice.list_items(thread_id).data
+        if isinstance(i, UserMessageItem)
     ]
     assert texts == ["first words=1", "second words=2"]
 
 
-def test_context_is_visible_inside_respond(app: Flask, client: FlaskClient, alice: ChatKitClient) -> None:
+def test_context_is_visible_inside_respond(
+    app: Flask, client: FlaskClient, alice: ChatKitClient
+) -> None:
     payload = {
         "type": "threads.create",
         "params": {"input": ChatKitClient._input("hi words=1")},
@@ -113,7 +117,9 @@ def test_malformed_json_is_400(client: FlaskClient, alice: ChatKitClient) -> Non
 
 
 def test_unknown_request_type_is_400(client: FlaskClient, alice: ChatKitClient) -> None:
-    error = assert_json_error(post(client, {"type": "threads.explode", "params": {}}), 400, "invalid_request")
+    error = assert_json_error(
+        post(client, {"type": "threads.explode", "params": {}}), 400, "invalid_request"
+    )
     assert "type" in error["message"]
 
 
@@ -131,14 +137,20 @@ def test_deeply_nested_json_is_400_not_a_crash(client: FlaskClient, alice: ChatK
 
 
 def test_wrong_content_type_is_415(client: FlaskClient, alice: ChatKitClient) -> None:
-    response = client.post("/chatkit", data='{"type": "threads.list", "params": {}}', content_type="text/plain")
+    response = client.post(
+        "/chatkit", data='{"type": "threads.list", "params": {}}', content_type="text/plain"
+    )
     assert_json_error(response, 415, "unsupported_media_type")
 
 
-def test_oversize_body_is_413(app: Flask, client: FlaskClient, alice: ChatKitClient, store: MemoryStore) -> None:
+def test_oversize_body_is_413(
+    app: Flask, client: FlaskClient, alice: ChatKitClient, store: MemoryStore
+) -> None:
     limit = app.extensions["chatkit"].settings.max_request_bytes
     text = "x" * (limit + 10)
-    response = post(client, {"type": "threads.create", "params": {"input": ChatKitClient._input(text)}})
+    response = post(
+        client, {"type": "threads.create", "params": {"input": ChatKitClient._input(text)}}
+    )
     assert_json_error(response, 413, "payload_too_large")
     assert store.threads == {}  # nothing was written
 
@@ -170,9 +182,13 @@ def test_nonpositive_limit_is_400_and_large_limit_is_clamped(store: MemoryStore)
 
 def test_unknown_after_cursor_is_404(client: FlaskClient, alice: ChatKitClient) -> None:
     thread_id = thread_id_of(alice.create_thread("a words=1"))
-    assert_json_error(post(client, {"type": "threads.list", "params": {"after": "thr_nope"}}), 404, "not_found")
     assert_json_error(
-        post(client, {"type": "items.list", "params": {"thread_id": thread_id, "after": "msg_nope"}}),
+        post(client, {"type": "threads.list", "params": {"after": "thr_nope"}}), 404, "not_found"
+    )
+    assert_json_error(
+        post(
+            client, {"type": "items.list", "params": {"thread_id": thread_id, "after": "msg_nope"}}
+        ),
         404,
         "not_found",
     )
@@ -183,9 +199,15 @@ FOREIGN_REQUESTS = [
     {"type": "items.list", "params": {"thread_id": "{tid}"}},
     {"type": "threads.delete", "params": {"thread_id": "{tid}"}},
     {"type": "threads.update", "params": {"thread_id": "{tid}", "title": "pwned"}},
-    {"type": "threads.add_user_message", "params": {"thread_id": "{tid}", "input": ChatKitClient._input("x")}},
+    {
+        "type": "threads.add_user_message",
+        "params": {"thread_id": "{tid}", "input": ChatKitClient._input("x")},
+    },
     {"type": "threads.retry_after_item", "params": {"thread_id": "{tid}", "item_id": "{iid}"}},
-    {"type": "items.feedback", "params": {"thread_id": "{tid}", "item_ids": ["{iid}"], "kind": "positive"}},
+    {
+        "type": "items.feedback",
+        "params": {"thread_id": "{tid}", "item_ids": ["{iid}"], "kind": "positive"},
+    },
 ]
 
 
@@ -201,7 +223,9 @@ def test_foreign_thread_is_404_and_untouched(
         bob.send(payload)
     assert (err.value.status, err.value.code) == (404, "not_found")
     # Unknown ids get the very same answer as foreign ones.
-    unknown = json.loads(json.dumps(template).replace("{tid}", "thr_unknown").replace("{iid}", item_id))
+    unknown = json.loads(
+        json.dumps(template).replace("{tid}", "thr_unknown").replace("{iid}", item_id)
+    )
     with pytest.raises(ChatKitHTTPError) as err:
         bob.send(unknown)
     assert err.value.status == 404
@@ -214,7 +238,10 @@ def test_foreign_attachment_in_message_is_404(
 ) -> None:
     from chatkit.types import FileAttachment
 
-    store.attachments["atc_alice"] = ("alice", FileAttachment(id="atc_alice", name="a.txt", mime_type="text/plain"))
+    store.attachments["atc_alice"] = (
+        "alice",
+        FileAttachment(id="atc_alice", name="a.txt", mime_type="text/plain"),
+    )
     with pytest.raises(ChatKitHTTPError) as err:
         bob.create_thread("hi", attachments=["atc_alice"])
     assert err.value.status == 404
@@ -244,9 +271,13 @@ def test_server_fault_is_500_json_with_request_id(
     assert any(request_id in r.getMessage() for r in caplog.records)
 
 
-def test_origin_rule(app: Flask, client: FlaskClient, alice: ChatKitClient, store: MemoryStore) -> None:
+def test_origin_rule(
+    app: Flask, client: FlaskClient, alice: ChatKitClient, store: MemoryStore
+) -> None:
     create = {"type": "threads.create", "params": {"input": ChatKitClient._input("hi words=0")}}
-    assert_json_error(post(client, create, headers={"Origin": "https://evil.example"}), 403, "forbidden")
+    assert_json_error(
+        post(client, create, headers={"Origin": "https://evil.example"}), 403, "forbidden"
+    )
     assert store.threads == {}
     # Same origin passes (the test client's host is localhost).
     assert post(client, create, headers={"Origin": "http://localhost"}).status_code == 200
@@ -269,7 +300,9 @@ def test_cors_for_allowed_origins(store: MemoryStore, tmp_path: Any) -> None:
     assert preflight.status_code == 204
     assert preflight.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert "POST" in preflight.headers["Access-Control-Allow-Methods"]
-    response = post(client, {"type": "threads.list", "params": {}}, headers={"Origin": "https://app.example"})
+    response = post(
+        client, {"type": "threads.list", "params": {}}, headers={"Origin": "https://app.example"}
+    )
     assert response.status_code == 200
     assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
     assert response.headers["Access-Control-Allow-Credentials"] == "true"

@@ -30,7 +30,9 @@ from .http_client import (
 pytestmark = pytest.mark.integration
 
 
-def stream_thread(session: requests.Session, url: str, text: str) -> list[tuple[float, dict[str, Any]]]:
+def stream_thread(
+    session: requests.Session, url: str, text: str
+) -> list[tuple[float, dict[str, Any]]]:
     response = session.post(f"{url}/chatkit", json=create_request(text), stream=True, timeout=60)
     assert response.status_code == 200, response.text
     assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -79,7 +81,9 @@ def test_request_context_visible_in_respond_under_gevent(gevent_server: Any) -> 
 def test_disconnect_cancels_and_persists_partial_reply(gevent_server: Any) -> None:
     session = logged_in_session(gevent_server.url, "dave")
     before = session.get(f"{gevent_server.url}/_test/observations", timeout=10).json()["cancelled"]
-    sock = raw_stream_request(gevent_server.url, cookie_header(session), create_request("words=100 delay=0.05"))
+    sock = raw_stream_request(
+        gevent_server.url, cookie_header(session), create_request("words=100 delay=0.05")
+    )
     received = b""
     deadline = time.monotonic() + 20
     while received.count(b"thread.item.updated") < 5 and time.monotonic() < deadline:
@@ -110,7 +114,9 @@ def test_200_concurrent_streams_on_one_gevent_worker(gevent_server: Any) -> None
     count, words, delay = 200, 10, 0.1
 
     def one(_: int) -> int:
-        sock = raw_stream_request(gevent_server.url, cookie, create_request(f"words={words} delay={delay}"))
+        sock = raw_stream_request(
+            gevent_server.url, cookie, create_request(f"words={words} delay={delay}")
+        )
         data = b""
         with sock:
             while chunk := sock.recv(65536):
@@ -126,7 +132,9 @@ def test_200_concurrent_streams_on_one_gevent_worker(gevent_server: Any) -> None
     # Served concurrently: 200 × 1 s of streaming in far less than 200 s.
     assert elapsed < 30, f"{elapsed:.1f}s: streams were serialised"
     threads = session.post(
-        f"{gevent_server.url}/chatkit", json={"type": "threads.list", "params": {"limit": 100}}, timeout=30
+        f"{gevent_server.url}/chatkit",
+        json={"type": "threads.list", "params": {"limit": 100}},
+        timeout=30,
     ).json()
     assert len(threads["data"]) == 100 and threads["has_more"]
 
@@ -137,12 +145,40 @@ def test_error_statuses_over_http(gevent_server: Any) -> None:
     session = logged_in_session(gevent_server.url, "frank")
     cases = [
         (anonymous, 401),
-        (session.post(url, data=b"{nope", headers={"Content-Type": "application/json"}, timeout=10), 400),
+        (
+            session.post(
+                url, data=b"{nope", headers={"Content-Type": "application/json"}, timeout=10
+            ),
+            400,
+        ),
         (session.post(url, json={"type": "nope", "params": {}}, timeout=10), 400),
-        (session.post(url, json={"type": "threads.get_by_id", "params": {"thread_id": "thr_x"}}, timeout=10), 404),
-        (session.post(url, json={"type": "threads.list", "params": {}}, headers={"Origin": "https://evil.example"}, timeout=10), 403),
+        (
+            session.post(
+                url,
+                json={"type": "threads.get_by_id", "params": {"thread_id": "thr_x"}},
+                timeout=10,
+            ),
+            404,
+        ),
+        (
+            session.post(
+                url,
+                json={"type": "threads.list", "params": {}},
+                headers={"Origin": "https://evil.example"},
+                timeout=10,
+            ),
+            403,
+        ),
         (session.get(url, timeout=10), 405),
-        (session.post(url, data=b"x" * (5 * 1024 * 1024), headers={"Content-Type": "application/json"}, timeout=30), 413),
+        (
+            session.post(
+                url,
+                data=b"x" * (5 * 1024 * 1024),
+                headers={"Content-Type": "application/json"},
+                timeout=30,
+            ),
+            413,
+        ),
         (session.post(url, data=b"{}", headers={"Content-Type": "text/plain"}, timeout=10), 415),
     ]
     for response, status in cases:
@@ -154,10 +190,15 @@ def test_error_statuses_over_http(gevent_server: Any) -> None:
     thread_id = stream_thread(owner, gevent_server.url, "words=1")[0][1]["thread"]["id"]
     foreign = session.post(
         url,
-        json={"type": "threads.add_user_message", "params": {"thread_id": thread_id, "input": user_input("x")}},
+        json={
+            "type": "threads.add_user_message",
+            "params": {"thread_id": thread_id, "input": user_input("x")},
+        },
         timeout=10,
     )
-    assert foreign.status_code == 404 and foreign.headers["Content-Type"].startswith("application/json")
+    assert foreign.status_code == 404 and foreign.headers["Content-Type"].startswith(
+        "application/json"
+    )
     assert len(items_of(owner, gevent_server.url, thread_id)) == 2
 
 
@@ -166,7 +207,10 @@ def test_heartbeat_during_silence(tmp_path: Path) -> None:
     with start_gunicorn(tmp_path, env=env) as server:
         session = logged_in_session(server.url, "heidi")
         response = session.post(
-            f"{server.url}/chatkit", json=create_request("words=2 delay=1.0"), stream=True, timeout=30
+            f"{server.url}/chatkit",
+            json=create_request("words=2 delay=1.0"),
+            stream=True,
+            timeout=30,
         )
         body = b"".join(response.iter_content(None))
     assert body.count(b": ping\n\n") >= 4
@@ -177,7 +221,9 @@ def test_on_disconnect_finish_completes_reply(tmp_path: Path) -> None:
     env = {"CHATKIT_ON_DISCONNECT": "finish"}
     with start_gunicorn(tmp_path, env=env) as server:
         session = logged_in_session(server.url, "ivan")
-        sock = raw_stream_request(server.url, cookie_header(session), create_request("words=20 delay=0.05"))
+        sock = raw_stream_request(
+            server.url, cookie_header(session), create_request("words=20 delay=0.05")
+        )
         received = b""
         while b"thread.item.updated" not in received:
             received += sock.recv(65536)
@@ -187,7 +233,11 @@ def test_on_disconnect_finish_completes_reply(tmp_path: Path) -> None:
         deadline = time.monotonic() + 20
         text = ""
         while time.monotonic() < deadline and text.count("w") < 20:
-            assistant = [i for i in items_of(session, server.url, thread_id) if i["type"] == "assistant_message"]
+            assistant = [
+                i
+                for i in items_of(session, server.url, thread_id)
+                if i["type"] == "assistant_message"
+            ]
             text = assistant[0]["content"][0]["text"] if assistant else ""
             time.sleep(0.2)
         assert text == "".join(f"w{i} " for i in range(20))
@@ -199,13 +249,17 @@ def test_on_disconnect_finish_completes_reply(tmp_path: Path) -> None:
     ("worker_class", "extra"),
     [("gthread", ["--threads", "8"]), ("sync", [])],
 )
-def test_other_worker_classes_stream_and_cancel(tmp_path: Path, worker_class: str, extra: list[str]) -> None:
+def test_other_worker_classes_stream_and_cancel(
+    tmp_path: Path, worker_class: str, extra: list[str]
+) -> None:
     with start_gunicorn(tmp_path, worker_class=worker_class, extra_args=extra) as server:
         session = logged_in_session(server.url, "judy")
         start = time.monotonic()
         events = stream_thread(session, server.url, "words=4 delay=0.25")
         assert events[0][0] - start < 0.6 and events[-1][0] - events[0][0] > 0.6
-        sock = raw_stream_request(server.url, cookie_header(session), create_request("words=100 delay=0.05"))
+        sock = raw_stream_request(
+            server.url, cookie_header(session), create_request("words=100 delay=0.05")
+        )
         received = b""
         while received.count(b"thread.item.updated") < 3:
             received += sock.recv(65536)
@@ -214,7 +268,9 @@ def test_other_worker_classes_stream_and_cancel(tmp_path: Path, worker_class: st
         deadline = time.monotonic() + 20
         cancelled = 0
         while time.monotonic() < deadline and cancelled < 1:
-            cancelled = session.get(f"{server.url}/_test/observations", timeout=10).json()["cancelled"]
+            cancelled = session.get(f"{server.url}/_test/observations", timeout=10).json()[
+                "cancelled"
+            ]
             time.sleep(0.2)
         assert cancelled == 1
 
@@ -224,8 +280,20 @@ def test_flask_dev_server_streams(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     log = (tmp_path / "flask.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flask", "--app", "tests.apps:gunicorn_app()", "run", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "flask",
+            "--app",
+            "tests.apps:gunicorn_app()",
+            "run",
+            "--port",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_for_port(port, proc)
