@@ -33,7 +33,7 @@ class ClusterUnavailable(RuntimeError):
 def find_pg_bindir() -> Path | None:
     """The newest ``/usr/lib/postgresql/<v>/bin`` with initdb and pg_ctl (or PATH's)."""
     found = glob.glob("/usr/lib/postgresql/*/bin/initdb")
-    found.sort(key=lambda p: int(Path(p).parent.parent.name) if Path(p).parent.parent.name.isdigit() else 0)
+    found.sort(key=lambda p: int(v) if (v := Path(p).parent.parent.name).isdigit() else 0)
     if found:
         return Path(found[-1]).parent
     initdb = shutil.which("initdb")
@@ -74,7 +74,7 @@ def _service_user() -> str | None:
         pwd.getpwnam("nobody")
         return "nobody"
     except KeyError as exc:
-        raise ClusterUnavailable("running as root and no unprivileged user to run postgres") from exc
+        raise ClusterUnavailable("running as root with no unprivileged user for postgres") from exc
 
 
 class PostgresCluster:
@@ -125,7 +125,8 @@ class PostgresCluster:
             argv = ["runuser", "-u", self.run_as, "--", *argv]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if check and proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
+            command = " ".join(argv)
+            raise RuntimeError(f"{command} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
     def start(self) -> None:
