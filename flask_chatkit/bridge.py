@@ -12,10 +12,10 @@ values (Flask's app/request contexts, Flask-Login's user) the coroutine sees.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import os
-import queue
 import selectors
 import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar
 from chatkit.errors import ErrorCode
 from chatkit.types import ErrorEvent
 
+from .channels import TIMEOUT, new_channel
 from .threads import NativeThreadPool, gevent_patched, native_lock, start_native_thread
 
 T = TypeVar("T")
@@ -32,7 +33,6 @@ logger = logging.getLogger("flask_chatkit")
 
 PING = b": ping\n\n"
 _END = object()  # the pump finished (normally, or after cancellation)
-_TIMEOUT = object()  # no chunk within the heartbeat interval
 
 
 @dataclass(frozen=True)
@@ -50,58 +50,6 @@ class _Success:
 def error_event_bytes(message: str | None = None) -> bytes:
     event = ErrorEvent(code=ErrorCode.STREAM_ERROR, message=message, allow_retry=False)
     return b"data: " + event.model_dump_json(exclude_none=True).encode() + b"\n\n"
-
-
-# -- channels: loop thread -> waiting request --------------------------------
-
-
-class _ThreadChannel:
-    """For real threads: a blocking queue."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def put(self, item: Any) -> None:  # called on the loop thread
-        self._queue.put(item)
-
-    def get(self, timeout: float | None) -> Any:
-        try:
-            return self._queue.get(timeout=timeout)
-        except queue.Empty:
-            return _TIMEOUT
-
-
-class _GeventChannel:
-    """For greenlets: the loop thread schedules the put on the waiter's hub.
-
-    ``run_callback_threadsafe`` is the one gevent call that is safe from a
-    foreign OS thread; the callback then wakes the greenlet blocked in ``get``.
-    """
-
-    def __init__(self) -> None:
-        import gevent
-        import gevent.queue
-
-        self._hub_loop = gevent.get_hub().loop
-        self._queue: Any = gevent.queue.Queue()
-
-    def put(self, item: Any) -> None:
-        self._hub_loop.run_callback_threadsafe(self._queue.put_nowait, item)
-
-    def get(self, timeout: float | None) -> Any:
-        import gevent.queue
-
-        try:
-            return self._queue.get(timeout=timeout)
-        except gevent.queue.Empty:
-            return _TIMEOUT
-
-
-Channel = _ThreadChannel | _GeventChannel
-
-
-def new_channel() -> Channel:
-    return _GeventChannel() if gevent_patched() else _ThreadChannel()
 
 
 # -- the per-process loop ----------------------------------------------------
@@ -164,15 +112,21 @@ class LoopThread:
                 channel.put(Failure(exc))
 
         self.call_soon(lambda: asyncio.ensure_future(runner()), context=context)
-        outcome = channel.get(timeout)
-        if outcome is _TIMEOUT:
+        batch = channel.get_batch(timeout)
+        if not isinstance(batch, list):
             raise TimeoutError("the ChatKit event loop did not answer in time")
+        outcome = batch[0]
         if isinstance(outcome, Failure):
             raise outcome.exc
         return outcome.value  # type: ignore[no-any-return]
 
 
 # -- streaming ---------------------------------------------------------------
+
+
+def _is_final(item: Any) -> bool:
+    return item is _END or isinstance(item, Failure)
+
 
 OnDisconnect = Literal["cancel", "finish"]
 
@@ -207,7 +161,7 @@ class Stream:
         self._task: asyncio.Task[None] | None = None
         self._detached = False  # the reader left and the pump should stop queuing
         self._finished = False
-        self._pending: list[Any] = []
+        self._queued: collections.deque[Any] = collections.deque()
 
     def start(self) -> None:
         self._loop_thread.call_soon(self._create_task, context=self._context)
@@ -229,38 +183,54 @@ class Stream:
         else:
             self._channel.put(_END)
 
-    def first(self) -> Any:
-        """The first chunk, a :class:`Failure`, or None when the stream ended empty."""
-        item = self._channel.get(self._heartbeat)
-        if item is _END:
-            self._finished = True
-            return None
-        if isinstance(item, Failure):
-            self._finished = True
-        else:  # a chunk, or silence: send a heartbeat so headers go out now
-            self._pending.append(PING if item is _TIMEOUT else item)
-        return item
+    def _next_write(self) -> bytes | Failure | None:
+        """Everything that is ready, joined into one write; None at the end.
+
+        Silence for a heartbeat interval yields a ping; a failure is returned
+        as is once the chunks before it have been written.
+        """
+        while True:
+            if self._queued:
+                item = self._queued.popleft()
+                if item is _END:
+                    self._finished = True
+                    return None
+                if isinstance(item, Failure):
+                    self._finished = True
+                    return item
+                chunks = [item]
+                while self._queued and isinstance(self._queued[0], bytes):
+                    chunks.append(self._queued.popleft())
+                return b"".join(chunks)
+            batch = self._channel.get_batch(self._heartbeat)
+            if batch is TIMEOUT:
+                return PING
+            assert isinstance(batch, list)
+            self._queued.extend(batch)
+
+    def first(self) -> bytes | Failure | None:
+        """The first write, so a failure before any byte can become an HTTP error."""
+        write = self._next_write()
+        if isinstance(write, bytes):
+            self._queued.appendleft(write)
+        return write
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            while self._pending:
-                yield self._pending.pop(0)
-            while not self._finished:
-                item = self._channel.get(self._heartbeat)
-                if item is _TIMEOUT:
-                    yield PING
-                elif item is _END:
-                    self._finished = True
-                elif isinstance(item, Failure):
-                    self._finished = True
+            while not self._finished or self._queued:
+                write = self._next_write()
+                if write is None:
+                    return
+                if isinstance(write, Failure):
                     yield error_event_bytes()
-                else:
-                    yield item
+                    return
+                yield write
         finally:
             self.close()
 
     def close(self) -> None:
-        if self._finished:
+        if self._finished or any(_is_final(item) for item in self._queued):
+            self._finished = True  # the pump already ended: nothing to cancel
             return
         self._finished = True
         if self._on_disconnect == "finish":
@@ -279,7 +249,9 @@ class Stream:
         # moves on or exits; chunks produced meanwhile have nowhere to go.
         deadline = time.monotonic() + timeout
         while (remaining := deadline - time.monotonic()) > 0:
-            item = self._channel.get(remaining)
-            if item is _END or isinstance(item, Failure) or item is _TIMEOUT:
+            batch = self._channel.get_batch(remaining)
+            if not isinstance(batch, list):
+                break
+            if any(_is_final(item) for item in batch):
                 return
         logger.warning("ChatKit stream did not finish within CHATKIT_CANCEL_TIMEOUT after cancel")
