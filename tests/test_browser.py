@@ -234,3 +234,20 @@ def test_widget_button_runs_action(page: Any, server: str, tmp_path: Path) -> No
     expect(button).to_have_text("Thanks!")
     expect(button).to_be_disabled()
     p.screenshot(path=str(tmp_path / "console-widget.png"))
+
+
+def test_attachment_upload_is_seen_by_the_server(page: Any, server: str, tmp_path: Path) -> None:
+    p = page
+    p.goto(server + "/chatkit/console")
+    expect(p.locator("body")).to_have_attribute("data-ready", "true")
+    p.click("#new-thread")
+    p.set_input_files(
+        "#attach", files=[{"name": "notes.txt", "mimeType": "text/plain", "buffer": b"hello\n"}]
+    )
+    p.fill("#composer-input", "Here is a file")
+    p.click("#send")
+    reply = p.locator("#messages .message.assistant").last
+    expect(reply).to_contain_text("You attached 1 file(s)", timeout=20_000)
+    expect(reply).to_contain_text("notes.txt (text/plain)")
+    expect(p.locator("#messages .message.user .attachment")).to_have_text(["notes.txt (text/plain)"])
+    p.screenshot(path=str(tmp_path / "console-attachment.png"))
