@@ -249,5 +249,6 @@ def test_attachment_upload_is_seen_by_the_server(page: Any, server: str, tmp_pat
     reply = p.locator("#messages .message.assistant").last
     expect(reply).to_contain_text("You attached 1 file(s)", timeout=20_000)
     expect(reply).to_contain_text("notes.txt (text/plain)")
-    expect(p.locator("#messages .message.user .attachment")).to_have_text(["notes.txt (text/plain)"])
+    chips = p.locator("#messages .message.user .attachment")
+    expect(chips).to_have_text(["notes.txt (text/plain)"])
     p.screenshot(path=str(tmp_path / "console-attachment.png"))
