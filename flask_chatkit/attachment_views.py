@@ -1,9 +1,224 @@
-"""Attachment upload and preview routes (filled in by the attachments work)."""
+"""Attachment routes on the ChatKit blueprint: direct upload, two-phase upload, content.
+
+``POST <prefix>/attachments``                    direct upload (multipart ``file``)
+``POST|PUT <prefix>/attachments/<id>/upload``    two-phase target (multipart or raw body)
+``GET <prefix>/attachments/<id>/content``        the bytes, owner only
+
+Every route resolves the context inside the request (401 when not logged in),
+reads and writes attachment rows through the owner-scoped store on the loop
+thread (so another user's id is a 404), and streams bodies to storage in
+chunks, refusing (413) as soon as ``CHATKIT_MAX_ATTACHMENT_BYTES`` is passed.
+"""
 
 from __future__ import annotations
 
-from flask import Blueprint
+import contextvars
+from collections.abc import Awaitable, Callable, Iterator
+from typing import IO, Any, TypeVar
+
+from chatkit.store import NotFoundError
+from flask import Blueprint, Response, request, send_file
+
+from .attachments import (
+    AnyAttachment,
+    AttachmentTooLarge,
+    FileAttachmentStore,
+    attachment_json,
+    build_attachment,
+    declared_size,
+    guess_mime,
+    is_image,
+    is_uploaded,
+    is_valid_attachment_id,
+    mark_uploaded,
+    normalize_mime,
+)
+from .errors import ChatKitHTTPException
+from .state import ChatKitState, get_state
+from .views import method_not_allowed
+
+T = TypeVar("T")
+
+CHUNK_SIZE = 64 * 1024
+# Room for multipart boundaries and part headers on top of the file itself.
+MULTIPART_OVERHEAD = 16 * 1024
+CONTENT_MAX_AGE = 3600
+# Served bytes are user content: never let a browser run them as a page.
+CONTENT_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; sandbox"
 
 
 def register_attachment_routes(bp: Blueprint, methods: list[str]) -> None:
     """Add the attachment routes to the ChatKit blueprint."""
+    bp.add_url_rule("/attachments", "attachment_direct", direct_upload, methods=methods)
+    bp.add_url_rule(
+        "/attachments/<attachment_id>/upload", "attachment_upload", upload, methods=methods
+    )
+    bp.add_url_rule(
+        "/attachments/<attachment_id>/content", "attachment_content", content, methods=methods
+    )
+
+
+# -- plumbing -----------------------------------------------------------------
+
+
+class _Call:
+    """The per-request pieces every route needs."""
+
+    def __init__(self) -> None:
+        state = get_state()
+        files = state.attachment_store
+        if not isinstance(files, FileAttachmentStore):
+            raise ChatKitHTTPException(404, "Attachment uploads are not served by this app.")
+        self.state: ChatKitState = state
+        self.files: FileAttachmentStore = files
+        self.context: Any = state.context_loader(request, {})
+        state.ensure_schema()
+
+    def run(self, make_coro: Callable[[], Awaitable[T]]) -> T:
+        return self.state.loop_thread.run(make_coro, contextvars.copy_context())
+
+    def load(self, attachment_id: str) -> AnyAttachment:
+        if not is_valid_attachment_id(attachment_id):
+            raise _not_found(attachment_id)
+        try:
+            attachment: AnyAttachment = self.run(
+                lambda: self.state.store.load_attachment(attachment_id, self.context)
+            )
+        except NotFoundError:
+            raise _not_found(attachment_id) from None
+        return attachment
+
+    def save(self, attachment: AnyAttachment) -> None:
+        """Save the row; if that fails the stored bytes are removed too."""
+        try:
+            self.run(lambda: self.state.store.save_attachment(attachment, self.context))
+        except BaseException:
+            self.files.storage.delete(attachment.id)
+            raise
+
+    def store_body(self, attachment_id: str, chunks: Iterator[bytes]) -> int:
+        limit = self.files.max_bytes
+        try:
+            return self.files.storage.save(attachment_id, chunks, limit)
+        except AttachmentTooLarge:
+            raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.") from None
+
+
+def _not_found(attachment_id: str) -> ChatKitHTTPException:
+    shown = attachment_id if is_valid_attachment_id(attachment_id) else "?"
+    return ChatKitHTTPException(404, f"Attachment {shown} not found.")
+
+
+def _size_mismatch(size: int, expected: int) -> ChatKitHTTPException:
+    return ChatKitHTTPException(
+        400, f"Uploaded {size} bytes but the attachment declared {expected}."
+    )
+
+
+def _json(attachment: AnyAttachment) -> Response:
+    return Response(attachment_json(attachment), mimetype="application/json")
+
+
+def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
+    while True:
+        chunk = stream.read(CHUNK_SIZE)
+        if not chunk:
+            return
+        yield chunk
+
+
+def _limit_multipart(limit: int) -> None:
+    """Refuse oversized multipart bodies before (and while) Werkzeug parses them."""
+    bound = limit + MULTIPART_OVERHEAD
+    if request.content_length is not None and request.content_length > bound:
+        raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
+    request.max_content_length = bound  # enforced on chunked bodies too
+    request.max_form_memory_size = 64 * 1024
+    request.max_form_parts = 16
+
+
+def _multipart_file() -> Any:
+    upload = request.files.get("file")
+    if upload is None:
+        raise ChatKitHTTPException(400, "Expected a multipart form with a 'file' field.")
+    return upload
+
+
+# -- routes -------------------------------------------------------------------
+
+
+def direct_upload() -> Response:
+    if request.method != "POST":
+        raise method_not_allowed("POST, OPTIONS")
+    call = _Call()
+    if request.mimetype != "multipart/form-data":
+        raise ChatKitHTTPException(415, "Send the file as multipart/form-data in a 'file' field.")
+    _limit_multipart(call.files.max_bytes)
+    upload = _multipart_file()
+    mime = call.files.check_mime(guess_mime(upload.filename, upload.mimetype))
+    attachment_id = call.files.generate_attachment_id(mime, call.context)
+    size = call.store_body(attachment_id, _chunks(upload.stream))
+    attachment = build_attachment(
+        attachment_id, upload.filename or "", mime, size=size, uploaded=True
+    )
+    call.save(attachment)
+    return _json(attachment)
+
+
+def upload(attachment_id: str) -> Response:
+    if request.method not in ("POST", "PUT"):
+        raise method_not_allowed("POST, PUT, OPTIONS")
+    call = _Call()
+    attachment = call.load(attachment_id)
+    if is_uploaded(attachment) or attachment.upload_descriptor is None:
+        raise ChatKitHTTPException(409, f"Attachment {attachment_id} was already uploaded.")
+    call.files.check_mime(attachment.mime_type)
+    limit = call.files.max_bytes
+    expected = declared_size(attachment)
+    if request.mimetype == "multipart/form-data":
+        _limit_multipart(limit)
+        chunks = _chunks(_multipart_file().stream)
+    else:
+        if request.content_length is not None and request.content_length > limit:
+            raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
+        length = request.content_length
+        if length is not None and expected is not None and length != expected:
+            raise _size_mismatch(length, expected)
+        request.max_content_length = limit
+        chunks = _chunks(request.stream)
+    size = call.store_body(attachment_id, chunks)
+    if expected is not None and size != expected:
+        call.files.storage.delete(attachment_id)
+        raise _size_mismatch(size, expected)
+    attachment = mark_uploaded(attachment, size)
+    call.save(attachment)
+    return _json(attachment)
+
+
+def content(attachment_id: str) -> Response:
+    if request.method not in ("GET", "HEAD"):
+        raise method_not_allowed("GET, HEAD, OPTIONS")
+    call = _Call()
+    attachment = call.load(attachment_id)
+    if not is_uploaded(attachment):
+        raise _not_found(attachment_id)
+    try:
+        stream = call.files.storage.open(attachment_id)
+    except FileNotFoundError:
+        raise _not_found(attachment_id) from None
+    mime = normalize_mime(attachment.mime_type)
+    # SVG can carry script: offer it as a download (an <img> still renders it).
+    inline = is_image(mime) and mime != "image/svg+xml"
+    response = send_file(
+        stream,
+        mimetype=mime,
+        as_attachment=not inline,
+        download_name=attachment.name or "attachment",
+        conditional=True,
+        etag=attachment_id,
+        max_age=CONTENT_MAX_AGE,
+    )
+    response.headers["Cache-Control"] = f"private, max-age={CONTENT_MAX_AGE}"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
+    return response
