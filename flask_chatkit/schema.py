@@ -1,4 +1,4 @@
-"""Tables and engine set-up for :class:`flask_chatkit.store.SQLAlchemyStore`.
+"""Tables, engine set-up and shared SQL for :class:`flask_chatkit.store.SQLAlchemyStore`.
 
 Imports nothing of Flask. Every table has an autoincrement ``seq`` column: it
 breaks ties between rows with the same ``created_at`` so keyset pages never skip
@@ -9,14 +9,17 @@ original value, naive or aware, lives in the JSON ``payload``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from chatkit.store import NotFoundError
 from sqlalchemy import (
     JSON,
     BigInteger,
     Column,
+    Connection,
     DateTime,
     Engine,
     Index,
@@ -25,13 +28,29 @@ from sqlalchemy import (
     String,
     Table,
     UniqueConstraint,
+    and_,
     create_engine,
     event,
+    insert,
+    select,
+    tuple_,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import QueuePool, StaticPool
 
-__all__ = ["Tables", "build_engine", "build_tables", "db_time", "engine_pool_capacity"]
+__all__ = [
+    "Tables",
+    "build_engine",
+    "build_tables",
+    "db_time",
+    "dialect_insert",
+    "engine_pool_capacity",
+    "keyset_page",
+    "upsert",
+]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 5
@@ -169,3 +188,55 @@ def engine_pool_capacity(engine: Engine) -> int:
         size = pool.size()
         return max(1, size + (overflow if overflow > 0 else size))
     return 8
+
+
+# -- SQL shared by the store's queries ------------------------------------
+def dialect_insert(dialect: str, table: Table) -> Any:
+    """INSERT with ON CONFLICT support (PostgreSQL, SQLite), else None."""
+    if dialect == "postgresql":
+        return pg_insert(table)
+    if dialect == "sqlite":
+        return sqlite_insert(table)
+    return None
+
+def upsert(
+    conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]
+) -> None:
+    """Insert ``values`` or update the row with the same ``keys``."""
+    stmt = dialect_insert(conn.dialect.name, table)
+    changed = {k: v for k, v in values.items() if k not in keys}
+    if stmt is not None:
+        conn.execute(stmt.values(**values).on_conflict_do_update(
+            index_elements=list(keys), set_=changed
+        ))
+        return
+    where = and_(*(table.c[k] == values[k] for k in keys))
+    if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
+        conn.execute(insert(table).values(**values))
+
+def keyset_page(
+    conn: Connection,
+    table: Table,
+    scope: Any,
+    after: str | None,
+    limit: int,
+    order: str,
+    what: str,
+) -> tuple[list[Any], bool]:
+    """A page of (id, payload) rows after the ``after`` id, ordered by (created_at, seq);
+    and whether more rows follow. An unknown ``after`` raises NotFoundError."""
+    cols = (table.c.created_at, table.c.seq)
+    desc = order == "desc"
+    query = select(table.c.id, table.c.payload).where(scope)
+    if after is not None:
+        cursor = conn.execute(
+            select(*cols).where(scope, table.c.id == after)
+        ).first()
+        if cursor is None:
+            raise NotFoundError(f"{what} {after} not found")
+        key = tuple_(*cols)
+        query = query.where(key < tuple_(*cursor) if desc else key > tuple_(*cursor))
+    ordering = [c.desc() for c in cols] if desc else list(cols)
+    limit = max(limit, 0)
+    rows = list(conn.execute(query.order_by(*ordering).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit

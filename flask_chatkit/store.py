@@ -9,6 +9,7 @@ methods run their blocking SQLAlchemy work on native OS threads (see
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -20,17 +21,12 @@ from pydantic import TypeAdapter
 from sqlalchemy import (
     Connection,
     Engine,
-    Table,
     and_,
     delete,
     exists,
     insert,
     select,
-    tuple_,
-    update,
 )
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
@@ -38,8 +34,11 @@ from .schema import (
     build_engine,
     build_tables,
     db_time,
+    dialect_insert,
     engine_pool_capacity,
     is_sqlite_memory,
+    keyset_page,
+    upsert,
 )
 from .threads import NativeThreadPool, native_lock
 
@@ -98,11 +97,22 @@ class SQLAlchemyStore(Store[Any]):
         self.attachments = tables.attachments
         self.dialect = self.engine.dialect.name
         self._sqlite = self.dialect == "sqlite"
-        memory = self._sqlite and is_sqlite_memory(self.engine.url)
+        self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
+        self._start_workers()
+
+    def _start_workers(self) -> None:
+        self._pid = os.getpid()
         # A single shared in-memory connection must never be used by two threads at once.
-        self._guard: Any = native_lock() if memory else contextlib.nullcontext()
-        workers = 1 if memory else engine_pool_capacity(self.engine)
+        self._guard: Any = native_lock() if self._memory else contextlib.nullcontext()
+        workers = 1 if self._memory else engine_pool_capacity(self.engine)
         self._pool: NativeThreadPool = NativeThreadPool(max_workers=workers, name="chatkit-store")
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking database work on a worker thread (never on the event loop)."""
+        if self._pid != os.getpid():  # forked (e.g. gunicorn): the workers stayed behind
+            self.engine.dispose(close=False)  # the parent's connections are not ours
+            self._start_workers()
+        return await self._pool.run(fn, *args)
 
     # -- plumbing -------------------------------------------------------------
     def owner_key(self, context: Any) -> str:
@@ -134,53 +144,6 @@ class SQLAlchemyStore(Store[Any]):
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()
 
-    def _insert(self, table: Table) -> Any:
-        if self.dialect == "postgresql":
-            return pg_insert(table)
-        if self.dialect == "sqlite":
-            return sqlite_insert(table)
-        return None
-
-    def _upsert(
-        self, conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]
-    ) -> None:
-        stmt = self._insert(table)
-        changed = {k: v for k, v in values.items() if k not in keys}
-        if stmt is not None:
-            conn.execute(stmt.values(**values).on_conflict_do_update(
-                index_elements=list(keys), set_=changed
-            ))
-            return
-        where = and_(*(table.c[k] == values[k] for k in keys))
-        if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
-            conn.execute(insert(table).values(**values))
-
-    def _page(
-        self,
-        conn: Connection,
-        table: Table,
-        scope: Any,
-        after: str | None,
-        limit: int,
-        order: str,
-        what: str,
-    ) -> tuple[list[Any], bool]:
-        cols = (table.c.created_at, table.c.seq)
-        desc = order == "desc"
-        query = select(table.c.id, table.c.payload).where(scope)
-        if after is not None:
-            cursor = conn.execute(
-                select(*cols).where(scope, table.c.id == after)
-            ).first()
-            if cursor is None:
-                raise NotFoundError(f"{what} {after} not found")
-            key = tuple_(*cols)
-            query = query.where(key < tuple_(*cursor) if desc else key > tuple_(*cursor))
-        ordering = [c.desc() for c in cols] if desc else list(cols)
-        limit = max(limit, 0)
-        rows = list(conn.execute(query.order_by(*ordering).limit(limit + 1)))
-        return rows[:limit], len(rows) > limit
-
     # -- sync implementations (run on the pool) ------------------------------
     def _load_thread(self, owner: str, thread_id: str) -> ThreadMetadata:
         t = self.threads
@@ -200,14 +163,14 @@ class SQLAlchemyStore(Store[Any]):
             "payload": _thread_payload(thread),
         }
         with self._tx(write=True) as conn:
-            self._upsert(conn, self.threads, ("owner", "id"), values)
+            upsert(conn, self.threads, ("owner", "id"), values)
 
     def _load_threads(
         self, owner: str, limit: int, after: str | None, order: str
     ) -> Page[ThreadMetadata]:
         t = self.threads
         with self._tx() as conn:
-            rows, more = self._page(conn, t, t.c.owner == owner, after, limit, order, "Thread")
+            rows, more = keyset_page(conn, t, t.c.owner == owner, after, limit, order, "Thread")
         data = [ThreadMetadata.model_validate(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
 
@@ -217,7 +180,7 @@ class SQLAlchemyStore(Store[Any]):
         i = self.items
         scope = and_(i.c.thread_id == thread_id, i.c.owner == owner)
         with self._tx() as conn:
-            rows, more = self._page(conn, i, scope, after, limit, order, "Item")
+            rows, more = keyset_page(conn, i, scope, after, limit, order, "Item")
         adapter = _item_adapter()
         data = [adapter.validate_python(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
@@ -233,7 +196,7 @@ class SQLAlchemyStore(Store[Any]):
 
     def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
-        stmt = self._insert(self.items)
+        stmt = dialect_insert(self.dialect, self.items)
         with self._tx(write=True) as conn:
             if stmt is not None:
                 conn.execute(stmt.values(**values).on_conflict_do_nothing(
@@ -246,7 +209,7 @@ class SQLAlchemyStore(Store[Any]):
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
         with self._tx(write=True) as conn:
-            self._upsert(conn, self.items, ("owner", "thread_id", "id"), values)
+            upsert(conn, self.items, ("owner", "thread_id", "id"), values)
 
     def _load_item(self, owner: str, thread_id: str, item_id: str) -> ThreadItem:
         i = self.items
@@ -289,7 +252,7 @@ class SQLAlchemyStore(Store[Any]):
             "payload": attachment.model_dump(mode="json"),
         }
         with self._tx(write=True) as conn:
-            self._upsert(conn, self.attachments, ("owner", "id"), values)
+            upsert(conn, self.attachments, ("owner", "id"), values)
 
     def _load_attachment(self, owner: str, attachment_id: str) -> Attachment:
         a = self.attachments
@@ -308,50 +271,50 @@ class SQLAlchemyStore(Store[Any]):
 
     # -- chatkit.store.Store ---------------------------------------------------
     async def load_thread(self, thread_id: str, context: Any) -> ThreadMetadata:
-        return await self._pool.run(self._load_thread, self.owner_key(context), thread_id)
+        return await self._run(self._load_thread, self.owner_key(context), thread_id)
 
     async def save_thread(self, thread: ThreadMetadata, context: Any) -> None:
-        await self._pool.run(self._save_thread, self.owner_key(context), thread)
+        await self._run(self._save_thread, self.owner_key(context), thread)
 
     async def load_thread_items(
         self, thread_id: str, after: str | None, limit: int, order: str, context: Any
     ) -> Page[ThreadItem]:
         owner = self.owner_key(context)
-        return await self._pool.run(
+        return await self._run(
             self._load_thread_items, owner, thread_id, after, limit, order
         )
 
     async def save_attachment(self, attachment: Attachment, context: Any) -> None:
-        await self._pool.run(self._save_attachment, self.owner_key(context), attachment)
+        await self._run(self._save_attachment, self.owner_key(context), attachment)
 
     async def load_attachment(self, attachment_id: str, context: Any) -> Attachment:
-        return await self._pool.run(self._load_attachment, self.owner_key(context), attachment_id)
+        return await self._run(self._load_attachment, self.owner_key(context), attachment_id)
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
-        await self._pool.run(self._delete_attachment, self.owner_key(context), attachment_id)
+        await self._run(self._delete_attachment, self.owner_key(context), attachment_id)
 
     async def load_threads(
         self, limit: int, after: str | None, order: str, context: Any
     ) -> Page[ThreadMetadata]:
         owner = self.owner_key(context)
-        return await self._pool.run(self._load_threads, owner, limit, after, order)
+        return await self._run(self._load_threads, owner, limit, after, order)
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        await self._pool.run(self._add_thread_item, self.owner_key(context), thread_id, item)
+        await self._run(self._add_thread_item, self.owner_key(context), thread_id, item)
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        await self._pool.run(self._save_item, self.owner_key(context), thread_id, item)
+        await self._run(self._save_item, self.owner_key(context), thread_id, item)
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
         owner = self.owner_key(context)
-        return await self._pool.run(self._load_item, owner, thread_id, item_id)
+        return await self._run(self._load_item, owner, thread_id, item_id)
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
-        await self._pool.run(self._delete_thread, self.owner_key(context), thread_id)
+        await self._run(self._delete_thread, self.owner_key(context), thread_id)
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
         owner = self.owner_key(context)
-        await self._pool.run(self._delete_thread_item, owner, thread_id, item_id)
+        await self._run(self._delete_thread_item, owner, thread_id, item_id)
 
     # -- sync helpers for the CLI (not part of chatkit's Store) ---------------
     def iter_owner_threads(

@@ -601,6 +601,37 @@ def test_sqlite_multi_process_writers(tmp_path: Any) -> None:
     store.engine.dispose()
 
 
+_FORKED: dict[str, SQLAlchemyStore] = {}
+
+
+def _forked_writer(n: int) -> None:
+    store = _FORKED["store"]
+    run(store.add_thread_item("thr_1", message("thr_1", f"child{n}"), ALICE))
+
+
+def test_store_keeps_working_after_fork(store: SQLAlchemyStore) -> None:
+    """gunicorn forks workers after the app (and its store) may have been used."""
+    run(store.save_thread(thread("thr_1"), ALICE))  # parent's worker threads and connections
+    _FORKED["store"] = store
+    try:
+        ctx = multiprocessing.get_context("fork")
+        procs: list[Any] = []
+        procs = [ctx.Process(target=_forked_writer, args=(n,)) for n in range(2)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(20)
+    finally:
+        _FORKED.clear()
+        for p in procs:
+            if p.is_alive():  # hung: its store never got worker threads of its own
+                p.kill()
+                p.join(5)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert _count_items(store, "thr_1") == 2
+    assert run(store.load_thread("thr_1", ALICE)).id == "thr_1"  # parent still fine
+
+
 def test_database_calls_never_block_the_loop(store: SQLAlchemyStore) -> None:
     """Every statement sleeps 0.3 s; a 10 ms ticker on the loop must keep ticking."""
     run(store.save_thread(thread("thr_1"), ALICE))
