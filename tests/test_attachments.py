@@ -241,6 +241,22 @@ def test_mime_pattern_config(tmp_path: Path, files_dir: Path) -> None:
     assert err.value.status == 415
 
 
+def test_routes_follow_url_prefix(tmp_path: Path, files_dir: Path) -> None:
+    app = create_test_app(
+        store=MemoryStore(),
+        instance_path=str(tmp_path / "i"),
+        CHATKIT_ATTACHMENTS_DIR=str(files_dir),
+        CHATKIT_URL_PREFIX="/api/ck",
+    )
+    client = app.test_client()
+    client.post("/login/carol")
+    attachment = create(ChatKitClient(client, path="/api/ck"), size=2)
+    url = str(attachment.upload_descriptor.url)
+    assert url == f"http://localhost/api/ck/attachments/{attachment.id}/upload"
+    assert client.post(url, data=b"ok").status_code == 200
+    assert client.get(f"/api/ck/attachments/{attachment.id}/content").data == b"ok"
+
+
 def test_unknown_attachment_is_404(client: FlaskClient, alice: ChatKitClient) -> None:
     assert_error(client.post("/chatkit/attachments/atc_nope/upload", data=b"x"), 404, "not_found")
     assert_error(client.get("/chatkit/attachments/atc_nope/content"), 404, "not_found")
@@ -489,6 +505,19 @@ def test_uploaded_attachment_reaches_respond(client: FlaskClient, alice: ChatKit
     )
     assert attachment.id in stream.get_data(as_text=True)
     assert '"uploaded"' not in stream.get_data(as_text=True)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs the core view to refuse not-yet-uploaded attachments (issue 4 hand-off)",
+)
+def test_message_with_pending_attachment_is_refused(alice: ChatKitClient) -> None:
+    pending = create(alice, size=3)
+    with pytest.raises(ChatKitHTTPError) as err:
+        alice.create_thread("hi", attachments=[pending.id])
+    assert err.value.status == 409
+    # Deleting a pending attachment stays allowed.
+    assert alice.send({"type": "attachments.delete", "params": {"attachment_id": pending.id}}) == {}
 
 
 # -- real HTTP under gunicorn -k gevent -------------------------------------------
