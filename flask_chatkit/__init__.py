@@ -3,9 +3,17 @@
     chatkit = ChatKit(app, MyServer)   # MyServer subclasses chatkit.server.ChatKitServer
 """
 
+from .attachments import AttachmentStorage, DiskStorage, FileAttachmentStore
 from .context import RequestContext
 from .extension import ChatKit
 from .store import SQLAlchemyStore
 
-__all__ = ["ChatKit", "RequestContext", "SQLAlchemyStore"]
+__all__ = [
+    "AttachmentStorage",
+    "ChatKit",
+    "DiskStorage",
+    "FileAttachmentStore",
+    "RequestContext",
+    "SQLAlchemyStore",
+]
 __version__ = "0.1.0"

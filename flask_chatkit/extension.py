@@ -110,9 +110,7 @@ class ChatKit:
         return SQLAlchemyStore(database_url)
 
     @staticmethod
-    def _default_attachment_store(app: Flask, store: Store[Any]) -> AttachmentStore[Any] | None:
-        try:
-            from .attachments import default_attachment_store
-        except ImportError:  # attachments not available in this build
-            return None
+    def _default_attachment_store(app: Flask, store: Store[Any]) -> AttachmentStore[Any]:
+        from .attachments import default_attachment_store
+
         return default_attachment_store(app, store)

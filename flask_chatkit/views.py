@@ -15,10 +15,11 @@ from typing import Any
 
 from chatkit.server import StreamingResult
 from chatkit.store import NotFoundError, Store
-from chatkit.types import ChatKitReq
+from chatkit.types import AttachmentsDeleteReq, ChatKitReq
 from flask import Blueprint, Response, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
+from .attachments import is_uploaded
 from .bridge import Failure, Stream
 from .errors import (
     ChatKitHTTPException,
@@ -50,6 +51,8 @@ def create_blueprint(*, console: bool = False) -> Blueprint:
     from .attachment_views import register_attachment_routes
 
     register_attachment_routes(bp, ALL_METHODS)
+    # Unknown paths under the prefix get the JSON 404 too, not Flask's HTML page.
+    bp.add_url_rule("/<path:unknown>", "unknown", _unknown_path, methods=ALL_METHODS)
     if console:
         from .console import console_view
 
@@ -90,6 +93,10 @@ def _handle_exception(exc: Exception) -> Response:
     request_id = g.get("chatkit_request_id", "-")
     logger.exception("ChatKit request %s failed", request_id)
     return error_response(500, f"Internal server error (request id {request_id}).")
+
+
+def _unknown_path(unknown: str) -> Response:
+    raise ChatKitHTTPException(404, "No such ChatKit route.")
 
 
 def method_not_allowed(allowed: str) -> ChatKitHTTPException:
@@ -165,6 +172,8 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
     foreign ``threads.delete`` with ``{}``; checking here makes both a 404.
     """
     refs = owned_refs(parsed)
+    # A user message may only carry attachments whose bytes have arrived.
+    must_be_uploaded = not isinstance(parsed, AttachmentsDeleteReq)
     for kind, ref_id in iter_owned_refs_checks(refs):
         try:
             if kind == "thread":
@@ -173,6 +182,10 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
                 assert refs.thread_id is not None
                 await store.load_item(refs.thread_id, ref_id, context=context)
             else:
-                await store.load_attachment(ref_id, context=context)
+                attachment = await store.load_attachment(ref_id, context=context)
+                if must_be_uploaded and not is_uploaded(attachment):
+                    raise ChatKitHTTPException(
+                        409, f"Attachment {ref_id} has not been uploaded yet."
+                    )
         except NotFoundError:
             raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None

@@ -507,10 +507,6 @@ def test_uploaded_attachment_reaches_respond(client: FlaskClient, alice: ChatKit
     assert '"uploaded"' not in stream.get_data(as_text=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the core view to refuse not-yet-uploaded attachments (issue 4 hand-off)",
-)
 def test_message_with_pending_attachment_is_refused(alice: ChatKitClient) -> None:
     pending = create(alice, size=3)
     with pytest.raises(ChatKitHTTPError) as err:

@@ -308,3 +308,8 @@ def test_cors_for_allowed_origins(store: MemoryStore, tmp_path: Any) -> None:
     assert response.headers["Access-Control-Allow-Credentials"] == "true"
     other = client.options("/chatkit", headers={"Origin": "https://app.example.evil"})
     assert_json_error(other, 403, "forbidden")
+
+
+def test_unknown_path_under_prefix_is_json_404(client: FlaskClient) -> None:
+    assert_json_error(client.get("/chatkit/nope/../x"), 404, "not_found")
+    assert_json_error(client.post("/chatkit/attachments/a/b/c/d"), 404, "not_found")
