@@ -1,0 +1,52 @@
+"""The integration test app plus one probe route for the reliability suite.
+
+``gunicorn 'tests.reliability.app:gunicorn_app()'`` serves exactly
+``tests.apps.gunicorn_app()`` and adds ``GET /_test/loop``: how many asyncio
+tasks are alive on the worker's ChatKit event loop (the probe's own task not
+counted), so a test can tell that cancelled streams left no task behind, and
+``GET /_test/store/<user_id>/<thread_id>``: a thread's items straight from the
+store, hidden ones (the SDK's "stream cancelled" item) included.
+Native thread counts are read from ``/proc/<pid>/status`` by the tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+from typing import Any
+
+from flask import Flask, jsonify
+
+from flask_chatkit import RequestContext
+from tests.apps import gunicorn_app as base_gunicorn_app
+
+
+def gunicorn_app() -> Flask:
+    app = base_gunicorn_app()
+
+    @app.get("/_test/loop")
+    def loop_probe() -> Any:
+        state = app.extensions["chatkit"]
+
+        async def count() -> int:
+            # The probe runs inside one task of its own (LoopThread.run's runner).
+            return len(asyncio.all_tasks()) - 1
+
+        tasks = state.loop_thread.run(count, contextvars.copy_context(), timeout=10)
+        return jsonify(pid=os.getpid(), tasks=tasks)
+
+    @app.get("/_test/store/<user_id>/<thread_id>")
+    def store_items(user_id: str, thread_id: str) -> Any:
+        # Straight from the store: also the hidden items items.list never shows.
+        state = app.extensions["chatkit"]
+        context = RequestContext(user_id=user_id)
+
+        async def load() -> list[dict[str, Any]]:
+            page = await state.store.load_thread_items(thread_id, None, 1000, "asc", context)
+            return [item.model_dump(mode="json") for item in page.data]
+
+        items = state.loop_thread.run(load, contextvars.copy_context(), timeout=15)
+        return jsonify(items=items)
+
+    return app
