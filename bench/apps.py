@@ -1,0 +1,223 @@
+"""The benchmark's servers: one ChatKitServer, three hosts.
+
+* ``flask_app()`` — flask-chatkit (run it under ``gunicorn -k gevent``);
+* ``fastapi_app()`` — FastAPI exactly as ChatKit's docs show (run under uvicorn);
+* ``floor_app()`` — plain Flask without ChatKit: the gevent host's floor.
+
+Both ChatKit hosts run the same :class:`BenchServer` over the same store layout
+(:class:`flask_chatkit.SQLAlchemyStore` on a SQLite file, ``BENCH_DB``) with the
+same fixed-user context. Environment:
+
+``BENCH_DB``            SQLite file path (required for the ChatKit hosts)
+``BENCH_STORE_DELAY``   seconds every store call awaits first (default 0)
+``BENCH_FIX_ADAPTER``   "1": FastAPI host with ChatKit's per-request
+                        ``TypeAdapter(ChatKitReq)`` cached (the fix the
+                        flask host has in ``flask_chatkit.protocol``)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from chatkit.server import ChatKitServer
+from chatkit.types import (
+    AssistantMessageContent,
+    AssistantMessageContentPartTextDelta,
+    AssistantMessageItem,
+    ThreadItemAddedEvent,
+    ThreadItemDoneEvent,
+    ThreadItemUpdatedEvent,
+    ThreadMetadata,
+    ThreadStreamEvent,
+    UserMessageItem,
+)
+
+from flask_chatkit.context import RequestContext
+from flask_chatkit.store import SQLAlchemyStore
+
+BENCH_USER = "bench"
+
+
+class BenchServer(ChatKitServer[Any]):
+    """Streams ``words=N`` deltas, awaiting ``delay=S`` seconds before each one."""
+
+    async def respond(
+        self, thread: ThreadMetadata, input: UserMessageItem | None, context: Any
+    ) -> AsyncIterator[ThreadStreamEvent]:
+        text = ""
+        if input is not None:
+            text = " ".join(c.text for c in input.content if getattr(c, "text", None))
+        options = dict(part.split("=", 1) for part in text.split() if "=" in part)
+        words = int(options.get("words", 3))
+        delay = float(options.get("delay", 0))
+        item = AssistantMessageItem(
+            id=self.store.generate_item_id("message", thread, context),
+            thread_id=thread.id,
+            created_at=datetime.now(),
+            content=[AssistantMessageContent(text="")],
+        )
+        yield ThreadItemAddedEvent(item=item)
+        parts = []
+        for index in range(words):
+            if delay:
+                await asyncio.sleep(delay)
+            word = f"w{index} "
+            parts.append(word)
+            yield ThreadItemUpdatedEvent(
+                item_id=item.id,
+                update=AssistantMessageContentPartTextDelta(content_index=0, delta=word),
+            )
+        item.content = [AssistantMessageContent(text="".join(parts))]
+        yield ThreadItemDoneEvent(item=item)
+
+
+_STORE_METHODS = (
+    "load_thread", "save_thread", "load_thread_items", "save_attachment", "load_attachment",
+    "delete_attachment", "load_threads", "add_thread_item", "save_item", "load_item",
+    "delete_thread", "delete_thread_item",
+)
+
+
+class DelayedStore(SQLAlchemyStore):
+    """A SQLAlchemyStore whose every call first really awaits (I/O stand-in)."""
+
+    delay = 0.0
+
+
+def _delayed(name: str) -> Any:
+    original = getattr(SQLAlchemyStore, name)
+
+    @functools.wraps(original)
+    async def method(self: DelayedStore, *args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(self.delay)
+        return await original(self, *args, **kwargs)
+
+    return method
+
+
+for _name in _STORE_METHODS:
+    setattr(DelayedStore, _name, _delayed(_name))
+
+
+def make_store() -> SQLAlchemyStore:
+    url = "sqlite:///" + os.environ["BENCH_DB"]
+    delay = float(os.environ.get("BENCH_STORE_DELAY", "0") or 0)
+    store: SQLAlchemyStore
+    if delay > 0:
+        store = DelayedStore(url)
+        store.delay = delay
+    else:
+        store = SQLAlchemyStore(url)
+    store.create_all()
+    return store
+
+
+def bench_context() -> RequestContext:
+    return RequestContext(user_id=BENCH_USER)
+
+
+# -- flask-chatkit -----------------------------------------------------------
+
+
+def flask_app() -> Any:
+    from flask import Flask
+
+    from flask_chatkit import ChatKit
+
+    app = Flask("bench_flask_chatkit")
+    app.config.update(CHATKIT_CREATE_TABLES=False)
+    chatkit = ChatKit(app, BenchServer, store=make_store())
+
+    @chatkit.context_loader
+    def load_context(request: Any, metadata: dict[str, Any]) -> RequestContext:
+        return bench_context()
+
+    return app
+
+
+# -- FastAPI / uvicorn, as in ChatKit's docs -----------------------------------
+
+
+class _CachedTypeAdapter:
+    """Stands in for ``pydantic.TypeAdapter`` inside ``chatkit.server``: one per type."""
+
+    _cache: dict[Any, Any] = {}
+
+    def __class_getitem__(cls, item: Any) -> Any:
+        return cls
+
+    def __new__(cls, tp: Any, *args: Any, **kwargs: Any) -> Any:
+        from pydantic import TypeAdapter
+
+        if args or kwargs:
+            return TypeAdapter(tp, *args, **kwargs)
+        adapter = cls._cache.get(tp)
+        if adapter is None:
+            adapter = cls._cache[tp] = TypeAdapter(tp)
+        return adapter
+
+
+def fix_sdk_type_adapter() -> None:
+    import chatkit.server
+
+    chatkit.server.TypeAdapter = _CachedTypeAdapter  # type: ignore[attr-defined,misc]
+
+
+def fastapi_app() -> Any:
+    from chatkit.server import StreamingResult
+    from fastapi import FastAPI, Request
+    from fastapi.responses import Response, StreamingResponse
+
+    if os.environ.get("BENCH_FIX_ADAPTER") == "1":
+        fix_sdk_type_adapter()
+    server = BenchServer(make_store())
+    app = FastAPI()
+
+    async def chatkit_endpoint(request: Request) -> Response:
+        context = bench_context()
+        result = await server.process(await request.body(), context)
+        if isinstance(result, StreamingResult):
+            return StreamingResponse(result, media_type="text/event-stream")
+        return Response(content=result.json, media_type="application/json")
+
+    # This module's annotations are strings; FastAPI must see the real class.
+    chatkit_endpoint.__annotations__["request"] = Request
+    app.post("/chatkit")(chatkit_endpoint)
+    return app
+
+
+# -- the floor: plain Flask, no ChatKit --------------------------------------
+
+FLOOR_EVENT = (
+    b'data: {"type":"thread.item.updated","item_id":"msg_0123456789abcdef",'
+    b'"update":{"type":"assistant_message.content_part.text_delta",'
+    b'"content_index":0,"delta":"w0 "}}\n\n'
+)
+
+
+def floor_app() -> Any:
+    from flask import Flask, Response, jsonify, request
+
+    app = Flask("bench_floor")
+
+    @app.post("/hello")
+    def hello() -> Any:
+        request.get_data()
+        return jsonify(data=[], has_more=False, after=None)
+
+    @app.post("/stream")
+    def stream() -> Any:
+        count = int(request.args.get("n", "2000"))
+
+        def events() -> Any:
+            for _ in range(count):
+                yield FLOOR_EVENT
+
+        return Response(events(), mimetype="text/event-stream")
+
+    return app

@@ -1,0 +1,412 @@
+"""The measurements A-E. Each returns a :class:`Section`: its own table plus the
+summary rows that go into the headline table.
+
+Hosts are measured alternately (A B A B …) and medians are quoted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import loadgen
+from .servers import Server, run_servers
+
+
+@dataclass
+class Settings:
+    quick: bool = False
+    rounds: int = 2
+    rate_seconds: float = 5.0
+    rate_concurrency: int = 50
+    stream_sizes: tuple[int, ...] = (100, 500, 1000, 2000)
+    stream_words: int = 25
+    stream_delay: float = 0.2
+    per_event_deltas: int = 2000
+    per_event_repeats: int = 5
+    memory_streams: int = 1000
+    cancel_clients: int = 100
+    use_wrk: bool = True
+
+    @classmethod
+    def quick_mode(cls) -> Settings:
+        return cls(
+            quick=True, rounds=1, rate_seconds=2.0, stream_sizes=(50, 200), stream_words=10,
+            stream_delay=0.1, per_event_deltas=500, per_event_repeats=2, memory_streams=200,
+            cancel_clients=20,
+        )
+
+
+@dataclass
+class Summary:
+    test: str
+    flask: str
+    baseline: str
+    ratio: float | None
+    target: str
+    met: bool | None
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    headers: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+    summary: list[Summary] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def seed_threads(server: Server, count: int) -> None:
+    body = loadgen.create_body("words=1")
+
+    async def go() -> None:
+        for _ in range(count):
+            await loadgen.stream(server.port, "/chatkit", body, timeout=30)
+
+    run(go())
+
+
+# -- A: non-streaming request rate ----------------------------------------------------
+
+
+def section_a(cfg: Settings) -> Section:
+    hosts = ["flask", "uvicorn", "uvicorn-fixed", "floor"]
+    wrk = loadgen.ensure_wrk() if cfg.use_wrk else None
+    body = loadgen.chatkit_body("threads.list", limit=20, order="desc")
+    rates: dict[str, list[float]] = {h: [] for h in hosts}
+    errors: dict[str, int] = dict.fromkeys(hosts, 0)
+    cpu: dict[str, list[float]] = {h: [] for h in hosts}
+    with run_servers(hosts) as servers:
+        for name in hosts[:3]:
+            seed_threads(servers[name], 20)
+        for _ in range(cfg.rounds):
+            for name in hosts:
+                server = servers[name]
+                path = "/hello" if name == "floor" else "/chatkit"
+                cpu0 = server.cpu_seconds()
+                if wrk:
+                    result = loadgen.wrk_rate(
+                        wrk, server.port, path, body, cfg.rate_concurrency, cfg.rate_seconds
+                    )
+                else:
+                    result = run(loadgen.asyncio_rate(
+                        server.port, path, body, cfg.rate_concurrency, cfg.rate_seconds
+                    ))
+                used = server.cpu_seconds() - cpu0
+                rates[name].append(result.rate)
+                errors[name] += result.errors
+                if result.requests:
+                    cpu[name].append(used / result.requests * 1e6)
+                time.sleep(0.5)
+    labels = {
+        "flask": "flask-chatkit (gunicorn gevent)",
+        "uvicorn": "FastAPI/uvicorn, SDK as shipped",
+        "uvicorn-fixed": "FastAPI/uvicorn, TypeAdapter cached",
+        "floor": "plain Flask hello-json (gunicorn gevent)",
+    }
+    section = Section(
+        "A", f"A. threads.list request rate (concurrency {cfg.rate_concurrency}, "
+        f"{cfg.rate_seconds:g} s per run, client: {'wrk' if wrk else 'asyncio'})",
+        ["host", "req/s (median)", "runs", "server CPU µs/req", "errors"],
+    )
+    for name in hosts:
+        section.rows.append([
+            labels[name], f"{median(rates[name]):,.0f}",
+            " / ".join(f"{r:,.0f}" for r in rates[name]),
+            f"{median(cpu[name]):,.0f}", errors[name],
+        ])
+    f = median(rates["flask"])
+    for base, target in (("uvicorn", 3.0), ("uvicorn-fixed", 0.6)):
+        b = median(rates[base])
+        r = ratio(f, b)
+        section.summary.append(Summary(
+            f"A threads.list req/s vs {labels[base]}", f"{f:,.0f}", f"{b:,.0f}", r,
+            f"≥ {target}x", r is not None and r >= target,
+        ))
+    fl = median(rates["floor"])
+    section.summary.append(Summary(
+        "A threads.list req/s vs plain Flask hello (floor)", f"{f:,.0f}", f"{fl:,.0f}",
+        ratio(f, fl), "info", None,
+    ))
+    return section
+
+
+# -- B: many concurrent streams -------------------------------------------------------
+
+
+async def _many_streams(
+    port: int, n: int, body: bytes, timeout: float
+) -> list[loadgen.StreamResult]:
+    return list(await asyncio.gather(
+        *(loadgen.stream(port, "/chatkit", body, timeout=timeout) for _ in range(n))
+    ))
+
+
+def section_b(cfg: Settings) -> Section:
+    hosts = ["flask", "uvicorn"]
+    loadgen.raise_fd_limit()
+    body = loadgen.create_body(f"words={cfg.stream_words} delay={cfg.stream_delay}")
+    nominal = cfg.stream_words * cfg.stream_delay
+    section = Section(
+        "B", f"B. concurrent threads.create streams on one worker ({cfg.stream_words} deltas x "
+        f"{cfg.stream_delay:g} s ≈ {nominal:g} s each)",
+        ["streams", "host", "round", "failed", "deltas delivered", "TTFE p50 ms", "TTFE p99 ms",
+         "all done in s", "server CPU s"],
+    )
+    p99: dict[tuple[int, str], list[float]] = {}
+    failed: dict[tuple[int, str], int] = {}
+    with run_servers(hosts) as servers:
+        for n in cfg.stream_sizes:
+            rounds = 1 if n >= 2000 else cfg.rounds
+            for rnd in range(rounds):
+                for name in hosts:
+                    server = servers[name]
+                    cpu0 = server.cpu_seconds()
+                    start = time.monotonic()
+                    results = run(_many_streams(server.port, n, body, timeout=nominal + 60))
+                    wall = time.monotonic() - start
+                    used = server.cpu_seconds() - cpu0
+                    bad = sum(
+                        1 for r in results
+                        if r.error or not r.done or r.deltas != cfg.stream_words
+                    )
+                    ttfe = [r.ttfe * 1000 for r in results if r.ttfe is not None]
+                    delivered = sum(r.deltas for r in results)
+                    p99.setdefault((n, name), []).append(pct(ttfe, 99))
+                    failed[(n, name)] = failed.get((n, name), 0) + bad
+                    errs = sorted({r.error for r in results if r.error})
+                    section.rows.append([
+                        n, name, rnd + 1, f"{bad}" + (f" ({', '.join(errs)})" if errs else ""),
+                        f"{delivered}/{n * cfg.stream_words}", f"{pct(ttfe, 50):,.0f}",
+                        f"{pct(ttfe, 99):,.0f}", f"{wall:.1f}", f"{used:.1f}",
+                    ])
+                    time.sleep(1.0)
+    for n in cfg.stream_sizes:
+        f, u = median(p99[(n, "flask")]), median(p99[(n, "uvicorn")])
+        section.summary.append(Summary(
+            f"B {n} streams: TTFE p99 ms (failed streams flask/uvicorn: "
+            f"{failed[(n, 'flask')]}/{failed[(n, 'uvicorn')]})",
+            f"{f:,.0f}", f"{u:,.0f}", ratio(u, f), "0 failed",
+            failed[(n, "flask")] == 0,
+        ))
+    section.notes.append("Ratio for B is uvicorn p99 / flask p99 (higher = flask faster).")
+    return section
+
+
+# -- C: per-event cost ----------------------------------------------------------------
+
+
+def section_c(cfg: Settings) -> Section:
+    hosts = ["flask", "uvicorn", "floor"]
+    n = cfg.per_event_deltas
+    body = loadgen.create_body(f"words={n}")
+    rates: dict[str, list[float]] = {h: [] for h in hosts}
+    cpu_us: dict[str, list[float]] = {h: [] for h in hosts}
+    with run_servers(hosts) as servers:
+        for name in hosts:  # warm-up
+            path = f"/stream?n={n}" if name == "floor" else "/chatkit"
+            run(loadgen.stream(servers[name].port, path, body, timeout=60))
+        for _ in range(cfg.rounds):
+            for name in hosts:
+                server = servers[name]
+                path = f"/stream?n={n}" if name == "floor" else "/chatkit"
+                for _ in range(cfg.per_event_repeats):
+                    cpu0 = server.cpu_seconds()
+                    r = run(loadgen.stream(server.port, path, body, timeout=120))
+                    used = server.cpu_seconds() - cpu0
+                    if r.error or r.deltas != n:
+                        raise RuntimeError(f"C: {name} stream failed: {r.error} {r.deltas}/{n}")
+                    rates[name].append(n / r.seconds)
+                    cpu_us[name].append(used / n * 1e6)
+    section = Section(
+        "C", f"C. per-event cost: one stream of {n} deltas, no sleep "
+        f"({cfg.rounds} rounds x {cfg.per_event_repeats} streams)",
+        ["host", "events/s (median)", "min / max", "server CPU µs/event"],
+    )
+    labels = {"flask": "flask-chatkit", "uvicorn": "FastAPI/uvicorn",
+              "floor": "plain Flask generator, pre-serialized (floor)"}
+    for name in hosts:
+        section.rows.append([
+            labels[name], f"{median(rates[name]):,.0f}",
+            f"{min(rates[name]):,.0f} / {max(rates[name]):,.0f}", f"{median(cpu_us[name]):.1f}",
+        ])
+    f = median(rates["flask"])
+    for base, target in (("uvicorn", 1.4), ("floor", 0.5)):
+        b = median(rates[base])
+        r = ratio(f, b)
+        section.summary.append(Summary(
+            f"C events/s, one {n}-delta stream vs {labels[base]}", f"{f:,.0f}", f"{b:,.0f}",
+            r, f"≥ {target}x", r is not None and r >= target,
+        ))
+    return section
+
+
+# -- D: memory per open stream --------------------------------------------------------
+
+
+async def _hold_streams(server: Server, n: int, settle: float) -> tuple[int, int, int]:
+    opened = 0
+    all_open = asyncio.Event()
+    hold = asyncio.Event()
+
+    def on_first() -> None:
+        nonlocal opened
+        opened += 1
+        if opened == n:
+            all_open.set()
+
+    body = loadgen.create_body("words=1 delay=120")
+    tasks = [
+        asyncio.ensure_future(
+            loadgen.stream(server.port, "/chatkit", body, timeout=90, on_first=on_first, hold=hold)
+        )
+        for _ in range(n)
+    ]
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_open.wait(), timeout=60)
+    await asyncio.sleep(settle)
+    rss = server.rss_kib()
+    hold.set()
+    await asyncio.gather(*tasks)
+    return rss, opened, n
+
+
+def section_d(cfg: Settings) -> Section:
+    hosts = ["flask", "uvicorn"]
+    loadgen.raise_fd_limit()
+    n = cfg.memory_streams
+    per: dict[str, list[float]] = {h: [] for h in hosts}
+    section = Section(
+        "D", f"D. worker RSS growth with {n} streams held open",
+        ["host", "round", "RSS before KiB", "RSS with streams KiB", "streams open",
+         "KiB/stream"],
+    )
+    warm = loadgen.create_body("words=1")
+    for rnd in range(cfg.rounds):
+        with run_servers(hosts) as servers:  # fresh processes: a clean baseline
+            for name in hosts:
+                server = servers[name]
+
+                async def warmup(port: int) -> None:
+                    await asyncio.gather(
+                        *(loadgen.stream(port, "/chatkit", warm, timeout=30) for _ in range(50))
+                    )
+
+                run(warmup(server.port))
+                time.sleep(0.5)
+                before = server.rss_kib()
+                rss, opened, _ = run(_hold_streams(server, n, settle=1.0))
+                kib = (rss - before) / max(opened, 1)
+                per[name].append(kib)
+                section.rows.append([name, rnd + 1, before, rss, f"{opened}/{n}", f"{kib:.1f}"])
+    f, u = median(per["flask"]), median(per["uvicorn"])
+    section.summary.append(Summary(
+        f"D RSS KiB per open stream ({n} open) vs uvicorn", f"{f:.1f}", f"{u:.1f}",
+        ratio(f, u), "flask ≤ 32 KiB", f <= 32,
+    ))
+    return section
+
+
+# -- E: cancellation persists the partial reply ----------------------------------------
+
+
+async def _items(port: int, thread_id: str) -> list[dict[str, Any]]:
+    body = loadgen.chatkit_body("items.list", thread_id=thread_id, limit=100, order="asc")
+    status, data = await loadgen.request(port, "/chatkit", body)
+    if status != 200:
+        return []
+    return list(json.loads(data).get("data", []))
+
+
+def _classify(items: list[dict[str, Any]], words: int) -> str:
+    for item in items:
+        if item.get("type") == "assistant_message":
+            text = "".join(c.get("text", "") for c in item.get("content", []))
+            if len(text.split()) >= words:
+                return "complete"
+            return "partial" if text.strip() else "empty"
+    return "none"
+
+
+async def _cancel_run(server: Server, clients: int, words: int) -> dict[str, int]:
+    body = loadgen.create_body(f"words={words} delay=0.05")
+    results = await asyncio.gather(*(
+        loadgen.stream(server.port, "/chatkit", body, timeout=60, abort_after_deltas=3)
+        for _ in range(clients)
+    ))
+    ids = [r.thread_id for r in results if r.thread_id]
+    counts: dict[str, int] = {}
+    previous: dict[str, int] | None = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        await asyncio.sleep(1.0)
+        pages = await asyncio.gather(*(_items(server.port, t) for t in ids))
+        counts = {}
+        for items in pages:
+            kind = _classify(items, words)
+            counts[kind] = counts.get(kind, 0) + 1
+        if counts == previous:
+            break
+        previous = counts
+    counts["aborted"] = sum(1 for r in results if r.thread_id and r.deltas >= 3)
+    return counts
+
+
+def section_e(cfg: Settings) -> Section:
+    hosts = ["flask", "uvicorn"]
+    clients, words = cfg.cancel_clients, 40
+    section = Section(
+        "E", f"E. {clients} clients reset the connection (RST) after 3 of {words} deltas; "
+        "store awaits 5 ms per call",
+        ["host", "round", "aborted mid-stream", "partial reply persisted", "complete reply",
+         "nothing persisted"],
+    )
+    frac: dict[str, list[float]] = {h: [] for h in hosts}
+    with run_servers(hosts, store_delay=0.005) as servers:
+        for rnd in range(cfg.rounds):
+            for name in hosts:
+                counts = run(_cancel_run(servers[name], clients, words))
+                aborted = counts.get("aborted", 0)
+                partial = counts.get("partial", 0)
+                frac[name].append(partial / clients)
+                section.rows.append([
+                    name, rnd + 1, aborted, f"{partial}/{clients}", counts.get("complete", 0),
+                    counts.get("none", 0) + counts.get("empty", 0),
+                ])
+    f, u = median(frac["flask"]), median(frac["uvicorn"])
+    section.summary.append(Summary(
+        "E partial replies persisted after abrupt disconnect", f"{f:.0%}", f"{u:.0%}",
+        None, "flask 100%", f >= 1.0,
+    ))
+    return section
+
+
+SECTIONS: dict[str, Callable[[Settings], Section]] = {
+    "A": section_a, "B": section_b, "C": section_c, "D": section_d, "E": section_e,
+}

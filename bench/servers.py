@@ -1,0 +1,146 @@
+"""Start the benchmark's hosts as subprocesses on free loopback ports.
+
+``flask``   flask-chatkit under ``gunicorn -k gevent``, 1 worker
+``uvicorn`` FastAPI under uvicorn, 1 worker, ChatKit SDK as shipped
+``uvicorn-fixed`` the same with ChatKit's TypeAdapter cached
+``floor``   plain Flask under ``gunicorn -k gevent``, 1 worker (no ChatKit)
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import gunicorn
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+HOSTS = ("flask", "uvicorn", "uvicorn-fixed", "floor")
+CHATKIT_PATH = {"flask": "/chatkit", "uvicorn": "/chatkit", "uvicorn-fixed": "/chatkit"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _raise_nofile() -> None:  # runs in the child before exec
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, target), hard))
+
+
+@dataclass
+class Server:
+    name: str
+    port: int
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    db_path: Path | None
+
+    def worker_pid(self) -> int:
+        """The process that serves requests: gunicorn's worker, uvicorn itself."""
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True, check=False
+        ).stdout.split()
+        if self.name in ("flask", "floor") and out:
+            return int(out[0])
+        return self.proc.pid
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.worker_pid()}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmRSS")
+
+    def cpu_seconds(self) -> float:
+        fields = Path(f"/proc/{self.worker_pid()}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-3000:]
+
+
+def _command(name: str, port: int, tmp: Path) -> list[str]:
+    if name in ("flask", "floor"):
+        app = "bench.apps:flask_app()" if name == "flask" else "bench.apps:floor_app()"
+        # An empty config: the project's gunicorn.conf.py (access log, 2 workers) stays out.
+        config = tmp / "gunicorn.conf.py"
+        config.write_text("")
+        args = [
+            str(BIN / "gunicorn"), "-c", str(config), "-k", "gevent", "-w", "1",
+            "--bind", f"127.0.0.1:{port}", "--backlog", "4096",
+            "--worker-connections", "5000", "--timeout", "120", "--graceful-timeout", "3",
+            "--keep-alive", "5", "--log-level", "warning",
+        ]
+        if gunicorn.version_info >= (27,):
+            args.append("--no-control-socket")
+        return [*args, app]
+    return [
+        sys.executable, "-m", "uvicorn", "bench.apps:fastapi_app", "--factory",
+        "--workers", "1", "--host", "127.0.0.1", "--port", str(port),
+        "--log-level", "warning", "--backlog", "4096",
+    ]
+
+
+def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"server did not listen on {port} within {timeout}s")
+
+
+@contextmanager
+def run_server(name: str, store_delay: float = 0.0) -> Iterator[Server]:
+    if name not in HOSTS:
+        raise ValueError(f"unknown host {name!r}")
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        port = free_port()
+        log_path = Path(tmp) / "server.log"
+        db_path = Path(tmp) / "chatkit.sqlite3"
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(ROOT),
+            "BENCH_DB": str(db_path),
+            "BENCH_STORE_DELAY": str(store_delay),
+            "BENCH_FIX_ADAPTER": "1" if name == "uvicorn-fixed" else "0",
+        }
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                _command(name, port, Path(tmp)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_raise_nofile,  # before any thread is started
+            )
+        try:
+            _wait_ready(port, proc, log_path)
+            yield Server(name, port, proc, log_path, db_path if name != "floor" else None)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=5)
+
+
+@contextmanager
+def run_servers(names: list[str], store_delay: float = 0.0) -> Iterator[dict[str, Server]]:
+    with ExitStack() as stack:
+        yield {n: stack.enter_context(run_server(n, store_delay)) for n in names}
