@@ -12,6 +12,7 @@ values (Flask's app/request contexts, Flask-Login's user) the coroutine sees.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
 import contextvars
 import logging
@@ -91,7 +92,33 @@ class LoopThread:
             loop.run_forever()
 
         start_native_thread(run)
+        # A worker that exits with streams still open (graceful restart, SIGTERM)
+        # cancels them first, so ChatKit persists their partial replies.
+        atexit.register(self.shutdown)
         return loop
+
+    def shutdown(self, timeout: float = 10.0) -> int:
+        """Cancel every running task and wait (bounded) for them; returns how many."""
+        loop = self._loop
+        if loop is None or self._pid != os.getpid() or loop.is_closed():
+            return 0
+        finished = native_lock()
+        finished.acquire()
+        cancelled: list[asyncio.Task[Any]] = []
+
+        async def cancel_all() -> None:
+            cancelled.extend(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
+            for task in cancelled:
+                task.cancel()
+            if cancelled:
+                await asyncio.wait(cancelled, timeout=timeout)
+
+        def start() -> None:
+            asyncio.ensure_future(cancel_all()).add_done_callback(lambda _: finished.release())
+
+        loop.call_soon_threadsafe(start)
+        finished.acquire(timeout=timeout + 1)
+        return len(cancelled)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any, context: contextvars.Context) -> None:
         self.loop.call_soon_threadsafe(fn, *args, context=context)

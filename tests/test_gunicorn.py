@@ -307,3 +307,45 @@ def test_flask_dev_server_streams(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
         log.close()
+
+
+def test_worker_restart_persists_open_streams(tmp_path: Path) -> None:
+    """A worker recycled (max_requests) with a stream still open past graceful_timeout:
+    the stream is cancelled, not dropped, so its partial reply is saved."""
+    from flask_chatkit import SQLAlchemyStore
+
+    db_url = f"sqlite:///{tmp_path / 'chat.sqlite3'}"
+    env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": db_url}
+    args = ["--graceful-timeout", "2", "--max-requests", "2"]
+    with start_gunicorn(tmp_path, env=env, extra_args=args) as server:
+        session = logged_in_session(server.url, "leo")
+        sock = raw_stream_request(
+            server.url, cookie_header(session), create_request("words=400 delay=0.05")
+        )
+        received = b""
+        while received.count(b"thread.item.updated") < 3:
+            received += sock.recv(65536)
+        thread_id = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["thread"]["id"]
+        worker = server.worker_pids()
+        # The second request made the worker retire: it ends the stream and exits.
+        sock.settimeout(15)
+        while sock.recv(65536):
+            pass
+        sock.close()
+        deadline = time.monotonic() + 20
+        while server.worker_pids() in ([], worker) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert server.worker_pids() not in ([], worker), server.log()
+
+    import asyncio
+
+    from flask_chatkit import RequestContext
+
+    store = SQLAlchemyStore(db_url)
+    page = asyncio.run(
+        store.load_thread_items(thread_id, None, 50, "asc", RequestContext(user_id="leo"))
+    )
+    assistant = [i for i in page.data if i.type == "assistant_message"]
+    assert len(assistant) == 1, page.data
+    assert assistant[0].content[0].text.startswith("w0 w1 w2 ")
+    assert any(i.type == "sdk_hidden_context" for i in page.data)
