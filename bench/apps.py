@@ -10,6 +10,8 @@ same fixed-user context. Environment:
 
 ``BENCH_DB``            SQLite file path (required for the ChatKit hosts)
 ``BENCH_STORE_DELAY``   seconds every store call awaits first (default 0)
+``BENCH_POOL_SIZE``     N: a fixed SQLite pool of N connections, no overflow
+                        (default: the store's own engine, 5 + 10 overflow)
 ``BENCH_FIX_ADAPTER``   "1": FastAPI host with ChatKit's per-request
                         ``TypeAdapter(ChatKitReq)`` cached (the fix the
                         flask host has in ``flask_chatkit.protocol``)
@@ -105,14 +107,30 @@ for _name in _STORE_METHODS:
 
 
 def make_store() -> SQLAlchemyStore:
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):  # experiments: the GIL switch interval
+        import sys
+
+        sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
     url = "sqlite:///" + os.environ["BENCH_DB"]
     delay = float(os.environ.get("BENCH_STORE_DELAY", "0") or 0)
+    pool_size = int(os.environ.get("BENCH_POOL_SIZE", "0") or 0)
+    bind: Any = url
+    if pool_size:  # a fixed pool (no overflow): the store then runs exactly pool_size threads
+        from sqlalchemy import create_engine, event
+
+        from flask_chatkit import schema
+
+        bind = create_engine(
+            url, pool_size=pool_size, max_overflow=0,
+            connect_args={"check_same_thread": False, "timeout": 30},
+        )
+        event.listen(bind, "connect", schema._sqlite_on_connect(wal=True))
     store: SQLAlchemyStore
     if delay > 0:
-        store = DelayedStore(url)
+        store = DelayedStore(bind)
         store.delay = delay
     else:
-        store = SQLAlchemyStore(url)
+        store = SQLAlchemyStore(bind)
     store.create_all()
     return store
 

@@ -197,6 +197,8 @@ class StreamResult:
     error: str | None = None
     ttfe: float | None = None  # seconds from connect to the first SSE event
     seconds: float = 0.0  # connect to end of stream
+    first_delta: float | None = None  # seconds from connect to the first text delta
+    last_delta: float | None = None  # ... and to the last
     deltas: int = 0
     done: bool = False
     thread_id: str | None = None
@@ -238,6 +240,10 @@ async def stream(
                         writer = None
                         break
                 out.raw += piece
+                if DELTA in piece:
+                    out.last_delta = time.monotonic() - start
+                    if out.first_delta is None:
+                        out.first_delta = out.last_delta
                 if abort_after_deltas is not None and out.raw.count(DELTA) >= abort_after_deltas:
                     _reset(writer)
                     writer = None

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import http.client
 import os
 import resource
 import signal
@@ -94,17 +95,28 @@ def _command(name: str, port: int, tmp: Path) -> list[str]:
     ]
 
 
-def _wait_ready(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+def _wait_ready(
+    name: str, port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60
+) -> None:
+    """Until the app answers (gunicorn's master listens before its worker has booted)."""
+    path, body = ("/hello", b"{}") if name == "floor" else (
+        "/chatkit", b'{"type":"threads.list","params":{"limit":1}}'
+    )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            conn.request("POST", path, body, {"Content-Type": "application/json"})
+            if conn.getresponse().status == 200:
                 return
         except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"server did not listen on {port} within {timeout}s")
+            pass
+        finally:
+            conn.close()
+        time.sleep(0.1)
+    raise TimeoutError(f"{name} did not answer on {port} within {timeout}s:\n{log.read_text()}")
 
 
 @contextmanager
@@ -124,11 +136,12 @@ def run_server(name: str, store_delay: float = 0.0) -> Iterator[Server]:
         }
         with log_path.open("wb") as log:
             proc = subprocess.Popen(
-                _command(name, port, Path(tmp)), cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                _command(name, port, Path(tmp)), cwd=ROOT, env=env, stdout=log,
+                stderr=subprocess.STDOUT,
                 preexec_fn=_raise_nofile,  # before any thread is started
             )
         try:
-            _wait_ready(port, proc, log_path)
+            _wait_ready(name, port, proc, log_path)
             yield Server(name, port, proc, log_path, db_path if name != "floor" else None)
         finally:
             if proc.poll() is None:
