@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, TypeVar
 
 from chatkit.store import NotFoundError, Store
-from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
+from chatkit.types import Attachment, Page, SDKHiddenContextItem, ThreadItem, ThreadMetadata
 from pydantic import TypeAdapter
 from sqlalchemy import (
     Connection,
@@ -57,6 +58,27 @@ def _item_adapter() -> TypeAdapter[ThreadItem]:
 @lru_cache(maxsize=1)
 def _attachment_adapter() -> TypeAdapter[Attachment]:
     return TypeAdapter(Attachment)
+
+
+class _NewThread:
+    """A thread being created by ``threads.create``, not written until its first item.
+
+    ChatKit saves the new thread, streams ``thread.created``, and only then adds
+    the user message; a database failure or a cancel in between would leave an
+    empty thread behind. Held here, the thread and its first item are written
+    in one transaction instead.
+    """
+
+    def __init__(self) -> None:
+        self.armed = True  # the next save_thread in this context is the creation
+        self.threads: dict[str, tuple[str, ThreadMetadata]] = {}
+
+    def get(self, owner: str, thread_id: str) -> ThreadMetadata | None:
+        entry = self.threads.get(thread_id)
+        return entry[1] if entry is not None and entry[0] == owner else None
+
+
+_new_thread: ContextVar[_NewThread | None] = ContextVar("chatkit_new_thread", default=None)
 
 
 def default_owner(context: Any) -> str:
@@ -131,6 +153,14 @@ class SQLAlchemyStore(Store[Any]):
                     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
             yield conn
 
+    @staticmethod
+    def defer_new_thread() -> None:
+        """Call in the context a ``threads.create`` request runs in (the view does).
+
+        The thread it creates is then written atomically with its first item.
+        """
+        _new_thread.set(_NewThread())
+
     def create_all(self) -> None:
         """Create the tables (idempotent)."""
         try:
@@ -145,6 +175,10 @@ class SQLAlchemyStore(Store[Any]):
         self._pool.shutdown()
 
     # -- sync implementations (run on the pool) ------------------------------
+    def _ping(self) -> None:
+        with self._tx() as conn:
+            conn.exec_driver_sql("SELECT 1")
+
     def _load_thread(self, owner: str, thread_id: str) -> ThreadMetadata:
         t = self.threads
         with self._tx() as conn:
@@ -155,15 +189,18 @@ class SQLAlchemyStore(Store[Any]):
             raise NotFoundError(f"Thread {thread_id} not found")
         return ThreadMetadata.model_validate(payload)
 
-    def _save_thread(self, owner: str, thread: ThreadMetadata) -> None:
-        values = {
+    @staticmethod
+    def _thread_values(owner: str, thread: ThreadMetadata) -> dict[str, Any]:
+        return {
             "owner": owner,
             "id": thread.id,
             "created_at": db_time(thread.created_at),
             "payload": _thread_payload(thread),
         }
+
+    def _save_thread(self, owner: str, thread: ThreadMetadata) -> None:
         with self._tx(write=True) as conn:
-            upsert(conn, self.threads, ("owner", "id"), values)
+            upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread))
 
     def _load_threads(
         self, owner: str, limit: int, after: str | None, order: str
@@ -194,14 +231,20 @@ class SQLAlchemyStore(Store[Any]):
             "payload": item.model_dump(mode="json"),
         }
 
-    def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
+    def _add_thread_item(
+        self, owner: str, thread_id: str, item: ThreadItem, new_thread: ThreadMetadata | None = None
+    ) -> None:
         values = self._item_values(owner, thread_id, item)
         stmt = dialect_insert(self.dialect, self.items)
         with self._tx(write=True) as conn:
+            if new_thread is not None:
+                upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, new_thread))
             if stmt is not None:
-                conn.execute(stmt.values(**values).on_conflict_do_nothing(
-                    index_elements=["owner", "thread_id", "id"]
-                ))
+                conn.execute(
+                    stmt.values(**values).on_conflict_do_nothing(
+                        index_elements=["owner", "thread_id", "id"]
+                    )
+                )
                 return
             with contextlib.suppress(IntegrityError), conn.begin_nested():
                 conn.execute(insert(self.items).values(**values))
@@ -271,18 +314,30 @@ class SQLAlchemyStore(Store[Any]):
 
     # -- chatkit.store.Store ---------------------------------------------------
     async def load_thread(self, thread_id: str, context: Any) -> ThreadMetadata:
-        return await self._run(self._load_thread, self.owner_key(context), thread_id)
+        owner = self.owner_key(context)
+        pending = _new_thread.get()
+        if pending is not None and (held := pending.get(owner, thread_id)) is not None:
+            return held.model_copy(deep=True)
+        return await self._run(self._load_thread, owner, thread_id)
 
     async def save_thread(self, thread: ThreadMetadata, context: Any) -> None:
-        await self._run(self._save_thread, self.owner_key(context), thread)
+        owner = self.owner_key(context)
+        pending = _new_thread.get()
+        if pending is not None and (pending.armed or pending.get(owner, thread.id)):
+            if pending.armed:
+                # Still touch the database now: an outage must fail the request
+                # with a 503 before its stream starts, not after thread.created.
+                await self._run(self._ping)
+            pending.armed = False
+            pending.threads[thread.id] = (owner, thread.model_copy(deep=True))
+            return
+        await self._run(self._save_thread, owner, thread)
 
     async def load_thread_items(
         self, thread_id: str, after: str | None, limit: int, order: str, context: Any
     ) -> Page[ThreadItem]:
         owner = self.owner_key(context)
-        return await self._run(
-            self._load_thread_items, owner, thread_id, after, limit, order
-        )
+        return await self._run(self._load_thread_items, owner, thread_id, after, limit, order)
 
     async def save_attachment(self, attachment: Attachment, context: Any) -> None:
         await self._run(self._save_attachment, self.owner_key(context), attachment)
@@ -300,9 +355,22 @@ class SQLAlchemyStore(Store[Any]):
         return await self._run(self._load_threads, owner, limit, after, order)
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        await self._run(self._add_thread_item, self.owner_key(context), thread_id, item)
+        owner = self.owner_key(context)
+        pending = _new_thread.get()
+        held = pending.get(owner, thread_id) if pending is not None else None
+        if pending is None or held is None:
+            await self._run(self._add_thread_item, owner, thread_id, item)
+            return
+        if isinstance(item, SDKHiddenContextItem):
+            return  # cancelled before the user message: the empty thread is never written
+        await self._run(self._add_thread_item, owner, thread_id, item, held)
+        pending.threads.pop(thread_id, None)
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
+        pending = _new_thread.get()
+        if pending is not None and pending.get(self.owner_key(context), thread_id) is not None:
+            await self.add_thread_item(thread_id, item, context)
+            return
         await self._run(self._save_item, self.owner_key(context), thread_id, item)
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
@@ -310,6 +378,9 @@ class SQLAlchemyStore(Store[Any]):
         return await self._run(self._load_item, owner, thread_id, item_id)
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
+        pending = _new_thread.get()
+        if pending is not None:
+            pending.threads.pop(thread_id, None)
         await self._run(self._delete_thread, self.owner_key(context), thread_id)
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
@@ -333,11 +404,15 @@ class SQLAlchemyStore(Store[Any]):
         adapter = _item_adapter()
         for row in threads:
             with self._tx() as conn:
-                payloads = conn.execute(
-                    select(i.c.payload)
-                    .where(i.c.thread_id == row.id, i.c.owner == owner_key)
-                    .order_by(i.c.created_at, i.c.seq)
-                ).scalars().all()
+                payloads = (
+                    conn.execute(
+                        select(i.c.payload)
+                        .where(i.c.thread_id == row.id, i.c.owner == owner_key)
+                        .order_by(i.c.created_at, i.c.seq)
+                    )
+                    .scalars()
+                    .all()
+                )
             items = [adapter.validate_python(p) for p in payloads]
             yield ThreadMetadata.model_validate(row.payload), items
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from chatkit.server import StreamingResult
 from chatkit.store import NotFoundError, Store
-from chatkit.types import AttachmentsDeleteReq, ChatKitReq
+from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
 from flask import Blueprint, Response, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
@@ -138,6 +138,9 @@ def run_chatkit_request(
     # Flask's app/request contexts and Flask-Login's user live in contextvars:
     # the copy makes them visible inside respond() on the loop thread.
     ctx = contextvars.copy_context()
+    defer_new_thread = getattr(state.store, "defer_new_thread", None)
+    if isinstance(parsed, ThreadsCreateReq) and callable(defer_new_thread):
+        ctx.run(defer_new_thread)  # no empty thread if the first write fails
 
     async def start() -> Any:
         await verify_ownership(state.store, parsed, context)

@@ -714,3 +714,49 @@ def test_sqlite_write_transactions_take_the_write_lock_up_front(tmp_path: Any) -
         other.close()
         store.close()
         store.engine.dispose()
+
+
+def test_new_thread_is_written_with_its_first_item(store: SQLAlchemyStore) -> None:
+    """threads.create: no empty thread if the first item never gets written."""
+    import contextvars
+
+    from chatkit.types import SDKHiddenContextItem
+
+    def in_create_request(coro_fn: Any) -> Any:
+        ctx = contextvars.copy_context()
+        ctx.run(store.defer_new_thread)
+        return ctx.run(asyncio.run, coro_fn())
+
+    async def fails_before_user_message() -> None:
+        await store.save_thread(thread("thr_a"), ALICE)
+        assert (await store.load_thread("thr_a", ALICE)).id == "thr_a"  # visible to its request
+        with pytest.raises(NotFoundError):
+            await store.load_thread("thr_a", BOB)
+        raise RuntimeError("database went away")
+
+    with pytest.raises(RuntimeError):
+        in_create_request(fails_before_user_message)
+    with pytest.raises(NotFoundError):
+        run(store.load_thread("thr_a", ALICE))
+
+    async def cancelled_before_user_message() -> None:
+        await store.save_thread(thread("thr_b"), ALICE)
+        hidden = SDKHiddenContextItem(id="shcx_1", thread_id="thr_b", created_at=T0, content="x")
+        await store.add_thread_item("thr_b", hidden, ALICE)
+
+    in_create_request(cancelled_before_user_message)
+    assert run(store.load_threads(10, None, "asc", ALICE)).data == []
+
+    async def completes() -> None:
+        await store.save_thread(thread("thr_c"), ALICE)
+        await store.add_thread_item("thr_c", message("thr_c", "msg_1"), ALICE)
+        await store.add_thread_item("thr_c", message("thr_c", "msg_2"), ALICE)
+        await store.save_thread(thread("thr_c", title="Titled"), ALICE)
+
+    in_create_request(completes)
+    assert run(store.load_thread("thr_c", ALICE)).title == "Titled"
+    items = run(store.load_thread_items("thr_c", None, 10, "asc", ALICE)).data
+    assert [i.id for i in items] == ["msg_1", "msg_2"]
+    # Outside a threads.create request, save_thread writes at once as always.
+    run(store.save_thread(thread("thr_d"), ALICE))
+    assert run(store.load_thread("thr_d", ALICE)).id == "thr_d"
