@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small N, short runs")
     parser.add_argument("--only", default="", help="comma-separated sections, e.g. A,C")
-    parser.add_argument("--rounds", type=int, default=None, help="rounds per host (default 2)")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="rounds per host (default 3; quick 1)")
     parser.add_argument("--no-wrk", action="store_true", help="use the asyncio client for A")
     parser.add_argument("--output", default=None,
                         help="markdown file to write (default bench/RESULTS.md; "

@@ -155,7 +155,34 @@ def flask_app() -> Any:
     def load_context(request: Any, metadata: dict[str, Any]) -> RequestContext:
         return bench_context()
 
+    if os.environ.get("BENCH_TRACEMALLOC") == "1":
+        add_tracemalloc_route(app)
     return app
+
+
+def add_tracemalloc_route(app: Any) -> None:
+    """Experiments: ``GET /_bench/tracemalloc`` snapshots; the next call returns the diff."""
+    import tracemalloc
+
+    tracemalloc.start(25)
+    snapshots: list[Any] = []
+
+    @app.get("/_bench/tracemalloc")
+    def snapshot() -> Any:
+        import gc
+
+        gc.collect()
+        snapshots.append(tracemalloc.take_snapshot())
+        if len(snapshots) < 2:
+            return {"ok": True}
+        stats = snapshots[-1].compare_to(snapshots[-2], "traceback")
+        top = []
+        for stat in stats[:40]:
+            frames = [f"{f.filename.rsplit('/', 2)[-1]}:{f.lineno}" for f in stat.traceback]
+            top.append({"kib": stat.size_diff / 1024, "count": stat.count_diff,
+                        "where": " < ".join(reversed(frames[-8:]))})
+        total = sum(s.size_diff for s in stats) / 1024
+        return {"total_kib": total, "top": top}
 
 
 # -- FastAPI / uvicorn, as in ChatKit's docs -----------------------------------
