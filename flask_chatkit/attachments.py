@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import mimetypes
 import os
 import re
@@ -57,6 +58,8 @@ from pydantic import AnyUrl
 
 from .config import read_settings
 from .errors import ChatKitHTTPException
+
+logger = logging.getLogger("flask_chatkit")
 
 AnyAttachment = FileAttachment | ImageAttachment
 
@@ -290,6 +293,17 @@ class FileAttachmentStore(AttachmentStore[Any]):
         if self._allowed is not None:
             return self._allowed
         return tuple(current_app.extensions["chatkit"].settings.allowed_mime_types)
+
+    def discard_files(self, attachment_ids: list[str]) -> None:
+        """Remove stored files whose rows are gone (threads deleted or pruned)."""
+        storage = self._storage
+        if storage is None:
+            return  # storage resolves per app at request time; nothing to resolve here
+        for attachment_id in attachment_ids:
+            try:
+                storage.delete(attachment_id)
+            except (OSError, ValueError):
+                logger.warning("could not remove attachment file %s", attachment_id)
 
     def check_mime(self, mime_type: str) -> str:
         mime = normalize_mime(mime_type)

@@ -111,6 +111,9 @@ class SQLAlchemyStore(Store[Any]):
         else:
             self.engine = build_engine(bind, pool_size=pool_size)
         self._owner = owner
+        # Called (sync, after commit) with the ids of attachment rows removed along
+        # with their threads, so their files can go too; the extension wires it.
+        self.on_attachments_deleted: Callable[[list[str]], None] | None = None
         self.table_prefix = table_prefix
         tables = build_tables(table_prefix)
         self.metadata = tables.metadata
@@ -273,19 +276,32 @@ class SQLAlchemyStore(Store[Any]):
                 delete(i).where(i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id)
             )
 
-    def _delete_threads(self, conn: Connection, owner: str, ids: Sequence[str]) -> None:
+    def _delete_threads(self, conn: Connection, owner: str, ids: Sequence[str]) -> list[str]:
+        """Delete threads with their items and attachment rows; returns the attachment ids."""
+        a = self.attachments
+        attachment_ids: list[str] = []
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
+            attachment_ids += conn.execute(
+                select(a.c.id).where(a.c.owner == owner, a.c.thread_id.in_(chunk))
+            ).scalars()
             for table, col in (
                 (self.items, self.items.c.thread_id),
                 (self.attachments, self.attachments.c.thread_id),
                 (self.threads, self.threads.c.id),
             ):
                 conn.execute(delete(table).where(table.c.owner == owner, col.in_(chunk)))
+        return attachment_ids
+
+    def _attachments_removed(self, attachment_ids: list[str]) -> None:
+        # After commit: the files go only once no row points at them any more.
+        if attachment_ids and self.on_attachments_deleted is not None:
+            self.on_attachments_deleted(attachment_ids)
 
     def _delete_thread(self, owner: str, thread_id: str) -> None:
         with self._tx(write=True) as conn:
-            self._delete_threads(conn, owner, [thread_id])
+            removed = self._delete_threads(conn, owner, [thread_id])
+        self._attachments_removed(removed)
 
     def _save_attachment(self, owner: str, attachment: Attachment) -> None:
         values = {
@@ -437,11 +453,13 @@ class SQLAlchemyStore(Store[Any]):
         )
         query = select(t.c.owner, t.c.id).where(t.c.created_at < cutoff, ~recent_item)
         removed: list[str] = []
+        attachment_ids: list[str] = []
         with self._tx(write=True) as conn:
             by_owner: dict[str, list[str]] = {}
             for owner, thread_id in conn.execute(query.order_by(t.c.created_at, t.c.seq)):
                 by_owner.setdefault(owner, []).append(thread_id)
                 removed.append(thread_id)
             for owner, ids in by_owner.items():
-                self._delete_threads(conn, owner, ids)
+                attachment_ids += self._delete_threads(conn, owner, ids)
+        self._attachments_removed(attachment_ids)
         return removed

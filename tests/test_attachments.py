@@ -659,3 +659,36 @@ class TestUnderGunicorn:
         assert deleted.status_code == 200 and deleted.json() == {}
         assert alice.get(content_url, timeout=10).status_code == 404
         assert set(os.listdir(files)) - before == set()
+
+
+def test_deleting_or_pruning_threads_removes_their_files(tmp_path: Path, files_dir: Path) -> None:
+    """SQL store + disk storage: no orphaned files once their thread is gone."""
+    from datetime import datetime, timedelta
+
+    app = create_test_app(
+        store=None,  # the default SQLAlchemyStore
+        instance_path=str(tmp_path / "instance"),
+        CHATKIT_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        CHATKIT_ATTACHMENTS_DIR=str(files_dir),
+    )
+    client = app.test_client()
+    client.post("/login/alice")
+    alice = ChatKitClient(client)
+    attached: list[str] = []
+    threads: list[str] = []
+    for index in range(2):
+        attachment = create(alice, size=3)
+        assert upload_raw(client, attachment, b"abc").status_code == 200
+        events = alice.create_thread(f"file {index} words=1", attachments=[attachment.id])
+        threads.append(next(e.thread.id for e in events if e.type == "thread.created"))
+        attached.append(attachment.id)
+    unrelated = create(alice, size=3)
+    assert upload_raw(client, unrelated, b"xyz").status_code == 200
+    assert set(stored(files_dir)) == {*attached, unrelated.id}
+
+    assert alice.send({"type": "threads.delete", "params": {"thread_id": threads[0]}}) == {}
+    assert set(stored(files_dir)) == {attached[1], unrelated.id}
+
+    store = app.extensions["chatkit"].store
+    assert store.prune(datetime.now() + timedelta(days=1)) == [threads[1]]
+    assert stored(files_dir) == [unrelated.id]  # never attached to a thread: kept
