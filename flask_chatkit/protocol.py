@@ -24,6 +24,7 @@ from chatkit.types import (
     UserMessageInput,
     is_streaming_req,
 )
+from chatkit.version import __version__ as sdk_version
 from pydantic import TypeAdapter, ValidationError
 
 from .errors import bad_request
@@ -34,6 +35,26 @@ REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
 
 # The SDK internals the fast path calls; checked once per server class.
 _FAST_PATH_HOOKS = ("_process_streaming", "_process_non_streaming")
+# Every global and attribute the SDK's own process() touched when the fast path
+# was written (openai-chatkit 1.x). If an SDK release changes process(), this
+# set changes and we fall back to calling process() itself: slower, never wrong.
+_KNOWN_PROCESS_NAMES = frozenset(
+    {
+        "NonStreamingResult", "StreamingResult", "TypeAdapter", "ChatKitReq",
+        "validate_json", "logger", "info", "type", "is_streaming_req",
+        "_process_streaming", "_process_non_streaming",
+    }
+)  # fmt: skip
+
+
+def _sdk_process_unchanged() -> bool:
+    return (
+        sdk_version.split(".")[0] == "1"
+        and frozenset(ChatKitServer.process.__code__.co_names) == _KNOWN_PROCESS_NAMES
+    )
+
+
+FAST_PATH_AVAILABLE = _sdk_process_unchanged()
 
 
 def parse_request(body: bytes) -> ChatKitReq:
@@ -118,7 +139,7 @@ def iter_owned_refs_checks(refs: OwnedRefs) -> Iterator[tuple[str, str]]:
 
 def _sdk_process_is_stock(server: ChatKitServer[Any]) -> bool:
     cls = type(server)
-    return cls.process is ChatKitServer.process and all(
+    return FAST_PATH_AVAILABLE and cls.process is ChatKitServer.process and all(
         callable(getattr(cls, hook, None)) for hook in _FAST_PATH_HOOKS
     )
 

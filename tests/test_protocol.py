@@ -102,3 +102,32 @@ def test_view_never_builds_a_type_adapter_per_request(monkeypatch: pytest.Monkey
     kit.list_threads()
     kit.list_items(thread_id)
     assert built == []
+
+
+def test_fast_path_is_on_for_the_pinned_sdk_and_guards_changes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from flask_chatkit import protocol
+
+    # The installed SDK is the one the fast path was written against.
+    assert protocol.FAST_PATH_AVAILABLE
+    assert protocol._sdk_process_unchanged()
+    # A different major version, or a process() that does something new: fall back.
+    monkeypatch.setattr(protocol, "sdk_version", "2.0.0")
+    assert not protocol._sdk_process_unchanged()
+    monkeypatch.setattr(protocol, "sdk_version", "1.9.0")
+    monkeypatch.setattr(protocol, "_KNOWN_PROCESS_NAMES", protocol._KNOWN_PROCESS_NAMES - {"info"})
+    assert not protocol._sdk_process_unchanged()
+    monkeypatch.setattr(protocol, "FAST_PATH_AVAILABLE", False)
+    server = ScriptedServer(MemoryStore())
+    calls: list[bytes] = []
+    original = ScriptedServer.process
+
+    async def spy(self: Any, request: Any, context: Any) -> Any:
+        calls.append(request)
+        return await original(self, request, context)
+
+    monkeypatch.setattr(chatkit.server.ChatKitServer, "process", spy)
+    raw = b'{"type": "threads.list", "params": {}}'
+    asyncio.run(process_parsed(server, parse_request(raw), raw, CONTEXT))
+    assert calls == [raw]
