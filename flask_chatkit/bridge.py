@@ -197,8 +197,11 @@ class Stream:
         self._task = asyncio.get_running_loop().create_task(self._pump())
 
     async def _pump(self) -> None:
+        # StreamingResult only re-yields its generator: iterate that directly
+        # (one async-generator hop less per event).
+        source = getattr(self._source, "json_events", self._source)
         try:
-            async for chunk in self._source:
+            async for chunk in source:
                 if not self._detached:
                     self._channel.put(chunk)
         except asyncio.CancelledError:

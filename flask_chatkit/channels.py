@@ -14,7 +14,10 @@ import collections
 import queue
 from typing import Any
 
-from .threads import gevent_patched, native_lock
+import gevent
+import gevent.event
+
+from .threads import gevent_patched
 
 TIMEOUT = object()  # nothing arrived within the timeout
 
@@ -45,38 +48,35 @@ class GeventChannel:
 
     ``run_callback_threadsafe`` is the one gevent call that is safe from a
     foreign OS thread; it sets an Event that the consumer greenlet waits on.
+    No lock: ``deque.append``/``popleft`` are atomic, and the consumer clears
+    ``_wakeup_scheduled`` *before* draining, so an item appended by a producer
+    that saw the flag still set is always drained by the pass that follows.
     """
 
     def __init__(self) -> None:
-        import gevent
-        import gevent.event
-
         self._hub_loop = gevent.get_hub().loop
         self._ready = gevent.event.Event()
         self._items: collections.deque[Any] = collections.deque()
-        self._lock = native_lock()  # held for a few instructions by either side
         self._wakeup_scheduled = False
 
     def put(self, item: Any) -> None:
-        with self._lock:
-            self._items.append(item)
-            if self._wakeup_scheduled:
-                return
+        self._items.append(item)
+        if not self._wakeup_scheduled:
             self._wakeup_scheduled = True
-        self._hub_loop.run_callback_threadsafe(self._ready.set)
+            self._hub_loop.run_callback_threadsafe(self._ready.set)
 
     def get_batch(self, timeout: float | None) -> list[Any] | object:
         while True:
-            with self._lock:
-                if self._items:
-                    batch = list(self._items)
-                    self._items.clear()
-                    self._wakeup_scheduled = False
-                    return batch
-            # A stale set() from an earlier wake-up only costs one extra loop.
+            self._ready.clear()
+            self._wakeup_scheduled = False
+            batch = []
+            while self._items:
+                batch.append(self._items.popleft())
+            if batch:
+                return batch
+            # A stale set() from an earlier wake-up only costs one extra pass.
             if not self._ready.wait(timeout):
                 return TIMEOUT
-            self._ready.clear()
 
 
 Channel = ThreadChannel | GeventChannel
@@ -84,3 +84,4 @@ Channel = ThreadChannel | GeventChannel
 
 def new_channel() -> Channel:
     return GeventChannel() if gevent_patched() else ThreadChannel()
+
