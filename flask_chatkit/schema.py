@@ -199,20 +199,20 @@ def dialect_insert(dialect: str, table: Table) -> Any:
         return sqlite_insert(table)
     return None
 
-def upsert(
-    conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]
-) -> None:
+
+def upsert(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> None:
     """Insert ``values`` or update the row with the same ``keys``."""
     stmt = dialect_insert(conn.dialect.name, table)
     changed = {k: v for k, v in values.items() if k not in keys}
     if stmt is not None:
-        conn.execute(stmt.values(**values).on_conflict_do_update(
-            index_elements=list(keys), set_=changed
-        ))
+        conn.execute(
+            stmt.values(**values).on_conflict_do_update(index_elements=list(keys), set_=changed)
+        )
         return
     where = and_(*(table.c[k] == values[k] for k in keys))
     if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
         conn.execute(insert(table).values(**values))
+
 
 def keyset_page(
     conn: Connection,
@@ -229,9 +229,7 @@ def keyset_page(
     desc = order == "desc"
     query = select(table.c.id, table.c.payload).where(scope)
     if after is not None:
-        cursor = conn.execute(
-            select(*cols).where(scope, table.c.id == after)
-        ).first()
+        cursor = conn.execute(select(*cols).where(scope, table.c.id == after)).first()
         if cursor is None:
             raise NotFoundError(f"{what} {after} not found")
         key = tuple_(*cols)
