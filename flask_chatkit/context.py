@@ -46,18 +46,29 @@ def _authenticated_user() -> Any:
     return user if getattr(user, "is_authenticated", False) else None
 
 
+def require_login() -> Any:
+    """The logged-in user, or 401 while ``CHATKIT_LOGIN_REQUIRED`` (None when anonymous is ok)."""
+    user = _authenticated_user()
+    if user is None and current_app.extensions["chatkit"].settings.login_required:
+        raise ChatKitHTTPException(401, "Authentication required.")
+    return user
+
+
 def default_context_loader(request: Request, metadata: dict[str, Any]) -> RequestContext:
     """Build a :class:`RequestContext` from Flask-Login's ``current_user``.
 
     Anonymous requests get 401 while ``CHATKIT_LOGIN_REQUIRED`` is True; otherwise
     each anonymous browser gets a stable id kept in the Flask session.
     """
-    user = _authenticated_user()
+    user = require_login()
     if user is not None:
         user_id = str(user.get_id())
-    elif current_app.extensions["chatkit"].settings.login_required:
-        raise ChatKitHTTPException(401, "Authentication required.")
     else:
+        if not current_app.secret_key:
+            raise RuntimeError(
+                "CHATKIT_LOGIN_REQUIRED=False keeps anonymous ids in the Flask session: "
+                "set app.secret_key (SECRET_KEY)."
+            )
         user_id = str(session.get(ANONYMOUS_SESSION_KEY) or "")
         if not user_id:
             user_id = f"anon_{uuid.uuid4().hex}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -21,6 +22,7 @@ from werkzeug.exceptions import HTTPException
 
 from .attachments import is_uploaded
 from .bridge import Failure, Stream
+from .context import require_login
 from .errors import (
     ChatKitHTTPException,
     classify_exception,
@@ -40,6 +42,7 @@ from .state import ChatKitState, get_state
 
 logger = logging.getLogger("flask_chatkit")
 
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -65,7 +68,9 @@ def create_blueprint(*, console: bool = False) -> Blueprint:
 
 
 def _before_request() -> Response | None:
-    g.chatkit_request_id = request.headers.get("X-Request-ID") or uuid.uuid4().hex
+    # A caller's X-Request-ID (e.g. from a proxy) is kept when it is a plain token.
+    incoming = request.headers.get("X-Request-ID", "")
+    g.chatkit_request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
     check_origin(get_state().settings)
     if request.method == "OPTIONS":
         return preflight_response(get_state().settings)
@@ -121,6 +126,8 @@ def chatkit_endpoint() -> Response:
         raise method_not_allowed("POST, OPTIONS")
     state = get_state()
     settings = state.settings
+    if state.uses_default_context:
+        require_login()  # 401 before reading the body (custom loaders need the payload)
     body = read_limited_body(settings.max_request_bytes)
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")

@@ -313,3 +313,20 @@ def test_cors_for_allowed_origins(store: MemoryStore, tmp_path: Any) -> None:
 def test_unknown_path_under_prefix_is_json_404(client: FlaskClient) -> None:
     assert_json_error(client.get("/chatkit/nope/../x"), 404, "not_found")
     assert_json_error(client.post("/chatkit/attachments/a/b/c/d"), 404, "not_found")
+
+
+def test_authentication_comes_before_parsing(client: FlaskClient) -> None:
+    assert_json_error(post(client, b"{not json"), 401, "unauthorized")
+    assert_json_error(post(client, {"type": "nonsense"}), 401, "unauthorized")
+
+
+def test_request_id_is_kept_only_when_it_is_a_plain_token(
+    client: FlaskClient, alice: ChatKitClient
+) -> None:
+    payload = {"type": "threads.list", "params": {}}
+    kept = post(client, payload, headers={"X-Request-ID": "req-123.abc"})
+    assert kept.headers["X-Request-ID"] == "req-123.abc"
+    for bad in ("two words", "x" * 65, "<script>"):
+        replaced = post(client, payload, headers={"X-Request-ID": bad})
+        assert replaced.headers["X-Request-ID"] != bad
+        assert len(replaced.headers["X-Request-ID"]) == 32

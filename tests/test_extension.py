@@ -135,3 +135,13 @@ def test_chatkit_http_error_carries_status_code_message() -> None:
         ChatKitClient(app.test_client()).list_threads()
     assert (err.value.status, err.value.code) == (401, "unauthorized")
     assert err.value.message
+
+
+def test_anonymous_mode_without_secret_key_is_a_clear_500(caplog: Any) -> None:
+    app = Flask(__name__)  # no SECRET_KEY
+    app.config["CHATKIT_LOGIN_REQUIRED"] = False
+    ChatKit(app, ScriptedServer, store=MemoryStore())
+    response = app.test_client().post("/chatkit", json={"type": "threads.list", "params": {}})
+    assert response.status_code == 500
+    assert response.get_json()["error"]["code"] == "internal_error"
+    assert any("secret_key" in (r.exc_text or "") + r.getMessage() for r in caplog.records)
