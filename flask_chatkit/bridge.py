@@ -48,8 +48,9 @@ class _Success:
     value: Any
 
 
-def error_event_bytes(message: str | None = None) -> bytes:
-    event = ErrorEvent(code=ErrorCode.STREAM_ERROR, message=message, allow_retry=False)
+def error_event_bytes() -> bytes:
+    """What a stream that failed after it started sends last (details go to the log)."""
+    event = ErrorEvent(code=ErrorCode.STREAM_ERROR, allow_retry=False)
     return b"data: " + event.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 

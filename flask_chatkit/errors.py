@@ -41,10 +41,6 @@ def bad_request(message: str, code: str = "bad_request") -> ChatKitHTTPException
     return ChatKitHTTPException(400, message, code)
 
 
-def not_found(message: str) -> ChatKitHTTPException:
-    return ChatKitHTTPException(404, message)
-
-
 def error_response(
     status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None
 ) -> Response:

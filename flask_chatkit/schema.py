@@ -54,6 +54,7 @@ __all__ = [
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 5
+SQLITE_POOL_SIZE = 4
 
 # SQLite only gives INTEGER PRIMARY KEY columns rowid autoincrement semantics.
 _SEQ = BigInteger().with_variant(Integer(), "sqlite")
@@ -156,11 +157,14 @@ def build_engine(url_or_str: str | URL, pool_size: int | None = None) -> Engine:
             )
             event.listen(engine, "connect", _sqlite_on_connect(wal=False))
             return engine
+        # No overflow: the store runs one worker thread per pooled connection,
+        # so connections are never opened and closed per request (each SQLite
+        # connect runs its PRAGMAs), and a small pool keeps GIL hand-offs few.
         engine = create_engine(
             url,
             poolclass=QueuePool,
-            pool_size=pool_size or 5,
-            max_overflow=10,
+            pool_size=pool_size or SQLITE_POOL_SIZE,
+            max_overflow=0,
             connect_args={
                 "check_same_thread": False,
                 "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000,
@@ -171,7 +175,7 @@ def build_engine(url_or_str: str | URL, pool_size: int | None = None) -> Engine:
     kwargs: dict[str, Any] = {
         "pool_pre_ping": True,
         "pool_size": pool_size or 10,
-        "max_overflow": 10,
+        "max_overflow": 0,
     }
     if backend == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}

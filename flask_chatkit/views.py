@@ -1,8 +1,9 @@
 """The ChatKit HTTP endpoint: validate, authenticate, check ownership, then bridge.
 
-Order of checks for ``POST <prefix>``: method (405) → size (413) → content
-type (415) → JSON and ChatKit schema (400) → context / login (401) → ownership
-of every id the request names (404) — all before ChatKit runs, so a stream is
+Order of checks for ``POST <prefix>``: origin (403, in before_request) →
+method (405) → login with the default context (401) → size (413) → content
+type (415) → JSON and ChatKit schema (400) → a custom context loader →
+ownership of every id the request names (404/409) — all before ChatKit runs, so a stream is
 never half-started for a request that was going to fail.
 """
 
