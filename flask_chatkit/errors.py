@@ -27,6 +27,9 @@ STATUS_CODES: dict[int, str] = {
 }
 
 
+SCHEMA_ERRORS = ("no such table", "no such column")
+
+
 class ChatKitHTTPException(HTTPException):
     """An HTTP error with a specific code and a message safe to show a client."""
 
@@ -80,7 +83,11 @@ def classify_exception(exc: BaseException) -> ChatKitHTTPException | None:
         return exc
     if isinstance(exc, NotFoundError):
         return ChatKitHTTPException(404, str(exc) or "Not found.")
-    # The database is down or unreachable: a retryable 503, not a traceback.
+    # The database is down, unreachable or busy: a retryable 503, not a traceback.
+    # SQLite also reports a missing schema as OperationalError: that is a real
+    # fault (500), not an outage.
+    if isinstance(exc, sa_exc.OperationalError) and str(exc.orig).startswith(SCHEMA_ERRORS):
+        return None
     if isinstance(exc, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.TimeoutError) or (
         isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated
     ):

@@ -145,3 +145,74 @@ def test_anonymous_mode_without_secret_key_is_a_clear_500(caplog: Any) -> None:
     assert response.status_code == 500
     assert response.get_json()["error"]["code"] == "internal_error"
     assert any("secret_key" in (r.exc_text or "") + r.getMessage() for r in caplog.records)
+
+
+def test_create_tables_on_first_use_unless_disabled(tmp_path: Any) -> None:
+    import sqlalchemy as sa
+
+    for create, expected in (
+        (True, {"chatkit_threads", "chatkit_items", "chatkit_attachments"}),
+        (False, set()),
+    ):
+        db = tmp_path / f"create-{create}.sqlite3"
+        app = bare_app(
+            CHATKIT_LOGIN_REQUIRED=False,
+            CHATKIT_DATABASE_URL=f"sqlite:///{db}",
+            CHATKIT_CREATE_TABLES=create,
+        )
+        ChatKit(app, ScriptedServer)
+        assert (
+            not db.exists()
+            or sa.inspect(sa.create_engine(f"sqlite:///{db}")).get_table_names() == []
+        )
+        response = app.test_client().post("/chatkit", json={"type": "threads.list", "params": {}})
+        tables = set(sa.inspect(sa.create_engine(f"sqlite:///{db}")).get_table_names())
+        assert tables == expected
+        # Without tables the request is a server fault (500), never a traceback to the client.
+        assert response.status_code == (200 if create else 500)
+
+
+def test_default_store_lives_in_instance_path(tmp_path: Any) -> None:
+    app = Flask(__name__, instance_path=str(tmp_path / "inst"))
+    app.config.update(SECRET_KEY="x", CHATKIT_LOGIN_REQUIRED=False)
+    ChatKit(app, ScriptedServer)
+    ChatKitClient(app.test_client()).create_thread("persist me words=1")
+    assert (tmp_path / "inst" / "chatkit.sqlite3").exists()
+
+
+def test_console_is_off_by_default_and_follows_the_prefix() -> None:
+    app = bare_app(CHATKIT_LOGIN_REQUIRED=False)
+    ChatKit(app, ScriptedServer, store=MemoryStore())
+    assert app.test_client().get("/chatkit/console").status_code == 404
+    app = bare_app(CHATKIT_CONSOLE=True, CHATKIT_URL_PREFIX="/api/kit")
+    ChatKit(app, ScriptedServer, store=MemoryStore())
+    page = app.test_client().get("/api/kit/console")
+    assert page.status_code == 200 and page.mimetype == "text/html"
+    assert b'content="/api/kit"' in page.data
+
+
+def test_cancel_timeout_bounds_the_wait_for_a_slow_cancellation(caplog: Any) -> None:
+    import asyncio
+    import time
+
+    class SlowToCancel(ScriptedServer):
+        async def handle_stream_cancelled(self, thread: Any, pending: Any, context: Any) -> None:
+            await asyncio.sleep(5)  # e.g. a store that hangs while saving the partial reply
+
+    app = bare_app(CHATKIT_LOGIN_REQUIRED=False, CHATKIT_CANCEL_TIMEOUT=0.3)
+    ChatKit(app, SlowToCancel, store=MemoryStore())
+    response = app.test_client().post(
+        "/chatkit",
+        json={
+            "type": "threads.create",
+            "params": {"input": ChatKitClient._input("words=50 delay=0.05")},
+        },
+        buffered=False,
+    )
+    chunks = iter(response.response)
+    while b"thread.item.updated" not in next(chunks):
+        pass
+    started = time.monotonic()
+    response.close()  # what a WSGI server does when the client is gone
+    assert time.monotonic() - started < 2
+    assert any("CHATKIT_CANCEL_TIMEOUT" in r.getMessage() for r in caplog.records)
