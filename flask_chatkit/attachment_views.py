@@ -33,9 +33,8 @@ from .attachments import (
     mark_uploaded,
     normalize_mime,
 )
-from .errors import ChatKitHTTPException
+from .errors import ChatKitHTTPException, method_not_allowed
 from .state import ChatKitState, get_state
-from .views import method_not_allowed
 
 T = TypeVar("T")
 
@@ -149,7 +148,7 @@ def _multipart_file() -> Any:
 
 def direct_upload() -> Response:
     if request.method != "POST":
-        raise method_not_allowed("POST, OPTIONS")
+        raise method_not_allowed(request.method, "POST, OPTIONS")
     call = _Call()
     if request.mimetype != "multipart/form-data":
         raise ChatKitHTTPException(415, "Send the file as multipart/form-data in a 'file' field.")
@@ -167,7 +166,7 @@ def direct_upload() -> Response:
 
 def upload(attachment_id: str) -> Response:
     if request.method not in ("POST", "PUT"):
-        raise method_not_allowed("POST, PUT, OPTIONS")
+        raise method_not_allowed(request.method, "POST, PUT, OPTIONS")
     call = _Call()
     attachment = call.load(attachment_id)
     if is_uploaded(attachment) or attachment.upload_descriptor is None:
@@ -197,7 +196,7 @@ def upload(attachment_id: str) -> Response:
 
 def content(attachment_id: str) -> Response:
     if request.method not in ("GET", "HEAD"):
-        raise method_not_allowed("GET, HEAD, OPTIONS")
+        raise method_not_allowed(request.method, "GET, HEAD, OPTIONS")
     call = _Call()
     attachment = call.load(attachment_id)
     if not is_uploaded(attachment):

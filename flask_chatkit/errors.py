@@ -33,11 +33,28 @@ SCHEMA_ERRORS = ("no such table", "no such column")
 class ChatKitHTTPException(HTTPException):
     """An HTTP error with a specific code and a message safe to show a client."""
 
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(description=message)
         self.code = status
         self.error_code = code or STATUS_CODES.get(status, "error")
         self.message = message
+        self.extra_headers = headers or {}
+
+    def get_headers(self, *args: Any, **kwargs: Any) -> list[tuple[str, str]]:
+        return [*super().get_headers(*args, **kwargs), *self.extra_headers.items()]
+
+
+def method_not_allowed(method: str, allowed: str) -> ChatKitHTTPException:
+    """405 with the ``Allow`` header listing what the route takes."""
+    return ChatKitHTTPException(
+        405, f"Method {method} not allowed; use {allowed}.", headers={"Allow": allowed}
+    )
 
 
 def bad_request(message: str, code: str = "bad_request") -> ChatKitHTTPException:

@@ -29,6 +29,7 @@ from .errors import (
     classify_exception,
     error_response,
     http_exception_response,
+    method_not_allowed,
 )
 from .protocol import (
     clamp_page_limit,
@@ -105,12 +106,6 @@ def _unknown_path(unknown: str) -> Response:
     raise ChatKitHTTPException(404, "No such ChatKit route.")
 
 
-def method_not_allowed(allowed: str) -> ChatKitHTTPException:
-    exc = ChatKitHTTPException(405, f"Method {request.method} not allowed; use {allowed}.")
-    exc.get_headers = lambda *a, **k: [("Allow", allowed)]  # type: ignore[method-assign]
-    return exc
-
-
 def read_limited_body(limit: int) -> bytes:
     """The request body, refusing (413) anything over ``limit`` without buffering it all."""
     length = request.content_length
@@ -124,7 +119,7 @@ def read_limited_body(limit: int) -> bytes:
 
 def chatkit_endpoint() -> Response:
     if request.method != "POST":
-        raise method_not_allowed("POST, OPTIONS")
+        raise method_not_allowed(request.method, "POST, OPTIONS")
     state = get_state()
     settings = state.settings
     if state.uses_default_context:
