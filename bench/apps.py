@@ -22,60 +22,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
-
-from chatkit.server import ChatKitServer
-from chatkit.types import (
-    AssistantMessageContent,
-    AssistantMessageContentPartTextDelta,
-    AssistantMessageItem,
-    ThreadItemAddedEvent,
-    ThreadItemDoneEvent,
-    ThreadItemUpdatedEvent,
-    ThreadMetadata,
-    ThreadStreamEvent,
-    UserMessageItem,
-)
 
 from flask_chatkit.context import RequestContext
 from flask_chatkit.store import SQLAlchemyStore
+from tests.word_server import WordServer
 
 BENCH_USER = "bench"
 
 
-class BenchServer(ChatKitServer[Any]):
+class BenchServer(WordServer):
     """Streams ``words=N`` deltas, awaiting ``delay=S`` seconds before each one."""
-
-    async def respond(
-        self, thread: ThreadMetadata, input: UserMessageItem | None, context: Any
-    ) -> AsyncIterator[ThreadStreamEvent]:
-        text = ""
-        if input is not None:
-            text = " ".join(c.text for c in input.content if getattr(c, "text", None))
-        options = dict(part.split("=", 1) for part in text.split() if "=" in part)
-        words = int(options.get("words", 3))
-        delay = float(options.get("delay", 0))
-        item = AssistantMessageItem(
-            id=self.store.generate_item_id("message", thread, context),
-            thread_id=thread.id,
-            created_at=datetime.now(),
-            content=[AssistantMessageContent(text="")],
-        )
-        yield ThreadItemAddedEvent(item=item)
-        parts = []
-        for index in range(words):
-            if delay:
-                await asyncio.sleep(delay)
-            word = f"w{index} "
-            parts.append(word)
-            yield ThreadItemUpdatedEvent(
-                item_id=item.id,
-                update=AssistantMessageContentPartTextDelta(content_index=0, delta=word),
-            )
-        item.content = [AssistantMessageContent(text="".join(parts))]
-        yield ThreadItemDoneEvent(item=item)
 
 
 _STORE_METHODS = (

@@ -6,30 +6,17 @@ gunicorn; it reads its settings from ``CHATKIT_TEST_*`` environment variables.
 
 from __future__ import annotations
 
-import asyncio
 import os
-from collections.abc import AsyncIterator
-from datetime import datetime
 from typing import Any
 
-from chatkit.server import ChatKitServer
-from chatkit.types import (
-    AssistantMessageContent,
-    AssistantMessageContentPartTextDelta,
-    AssistantMessageItem,
-    ThreadItemAddedEvent,
-    ThreadItemDoneEvent,
-    ThreadItemUpdatedEvent,
-    ThreadMetadata,
-    ThreadStreamEvent,
-    UserMessageItem,
-)
+from chatkit.types import UserMessageItem
 from flask import Flask, current_app, g, jsonify, request
 from flask_login import LoginManager, UserMixin, current_user, login_user
 
 from flask_chatkit import ChatKit, RequestContext
 
 from .memory_store import MemoryStore
+from .word_server import WordServer
 
 
 class User(UserMixin):
@@ -37,11 +24,11 @@ class User(UserMixin):
         self.id = user_id
 
 
-class ScriptedServer(ChatKitServer[RequestContext]):
-    """Streams ``words`` deltas (``text`` says how many: "words=N delay=S").
+class ScriptedServer(WordServer):
+    """:class:`WordServer` that records what it saw inside ``respond``.
 
-    Records what it saw so tests can assert on it: the contexts visible inside
-    ``respond`` and whether a cancellation reached it.
+    Tests assert on the contexts visible there (``/_test/observations``) and on
+    ``cancelled``; the message text may also say ``fail=1``.
     """
 
     observations: list[dict[str, Any]]
@@ -49,17 +36,10 @@ class ScriptedServer(ChatKitServer[RequestContext]):
     def __init__(self, store: Any, attachment_store: Any = None) -> None:
         super().__init__(store, attachment_store)
         self.observations = []
-        self.cancelled = 0
 
-    async def respond(
-        self, thread: ThreadMetadata, input: UserMessageItem | None, context: RequestContext
-    ) -> AsyncIterator[ThreadStreamEvent]:
-        text = ""
-        if input is not None:
-            text = " ".join(c.text for c in input.content if getattr(c, "text", None))
-        options = dict(part.split("=", 1) for part in text.split() if "=" in part)
-        words = int(options.get("words", 3))
-        delay = float(options.get("delay", 0))
+    def before_reply(
+        self, options: dict[str, str], input: UserMessageItem | None, context: RequestContext
+    ) -> None:
         if options.get("fail") == "1":
             raise RuntimeError("respond failed on purpose")
         self.observations.append(
@@ -74,29 +54,6 @@ class ScriptedServer(ChatKitServer[RequestContext]):
                 "attachments": [a.id for a in input.attachments] if input else [],
             }
         )
-        item = AssistantMessageItem(
-            id=self.store.generate_item_id("message", thread, context),
-            thread_id=thread.id,
-            created_at=datetime.now(),
-            content=[AssistantMessageContent(text="")],
-        )
-        yield ThreadItemAddedEvent(item=item)
-        parts = []
-        try:
-            for index in range(words):
-                if delay:
-                    await asyncio.sleep(delay)
-                word = f"w{index} "
-                parts.append(word)
-                yield ThreadItemUpdatedEvent(
-                    item_id=item.id,
-                    update=AssistantMessageContentPartTextDelta(content_index=0, delta=word),
-                )
-        except asyncio.CancelledError:
-            self.cancelled += 1
-            raise
-        item.content = [AssistantMessageContent(text="".join(parts))]
-        yield ThreadItemDoneEvent(item=item)
 
 
 def create_test_app(store: Any = None, server_cls: Any = ScriptedServer, **config: Any) -> Flask:

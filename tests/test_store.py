@@ -488,18 +488,19 @@ def test_create_all_is_idempotent_and_exposes_metadata(store: SQLAlchemyStore) -
     assert ("thread_id", "created_at", "seq") in indexes
 
 
+async def add_20_items_concurrently(store: SQLAlchemyStore) -> None:
+    await store.save_thread(thread("thr_1"), ALICE)
+    await asyncio.gather(
+        *(store.add_thread_item("thr_1", message("thr_1", f"m{n}"), ALICE) for n in range(20))
+    )
+    assert len((await store.load_thread_items("thr_1", None, 50, "asc", ALICE)).data) == 20
+
+
 def test_memory_sqlite_works() -> None:
     store = SQLAlchemyStore("sqlite:///:memory:")
     store.create_all()
 
-    async def go() -> None:
-        await store.save_thread(thread("thr_1"), ALICE)
-        await asyncio.gather(*(
-            store.add_thread_item("thr_1", message("thr_1", f"m{n}"), ALICE) for n in range(20)
-        ))
-        assert len((await store.load_thread_items("thr_1", None, 50, "asc", ALICE)).data) == 20
-
-    run(go())
+    run(add_20_items_concurrently(store))
     store.close()
 
 
@@ -509,14 +510,7 @@ def test_engine_reuse(store_url: str) -> None:
     assert store.engine is engine
     store.create_all()
 
-    async def go() -> None:
-        await store.save_thread(thread("thr_1"), ALICE)
-        await asyncio.gather(*(
-            store.add_thread_item("thr_1", message("thr_1", f"m{n}"), ALICE) for n in range(20)
-        ))
-        assert len((await store.load_thread_items("thr_1", None, 50, "asc", ALICE)).data) == 20
-
-    run(go())
+    run(add_20_items_concurrently(store))
     store.close()
     with engine.connect() as conn:  # the caller's engine is still usable
         assert conn.execute(sa.text("SELECT count(*) FROM chatkit_items")).scalar() == 20

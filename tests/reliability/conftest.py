@@ -18,6 +18,9 @@ from typing import Any
 import pytest
 import requests
 
+from tests.http_client import create_request, logged_in_session
+from tests.http_client import user_input as user_input  # re-exported for the tests here
+
 APP_SPEC = "tests.reliability.app:gunicorn_app()"
 PREFIX = "/chatkit"
 DELTA = "assistant_message.content_part.text_delta"
@@ -32,20 +35,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 # -- requests-level helpers ---------------------------------------------------
 
 
-def login(base_url: str, user_id: str) -> requests.Session:
-    session = requests.Session()
-    response = session.post(f"{base_url}/login/{user_id}", timeout=10)
-    assert response.status_code == 200, response.text
-    return session
-
-
-def user_input(text: str) -> dict[str, Any]:
-    return {"content": [{"type": "input_text", "text": text}], "attachments": [],
-            "inference_options": {}}
-
-
-def create_payload(text: str) -> dict[str, Any]:
-    return {"type": "threads.create", "params": {"input": user_input(text)}}
+# The request builders and login are the integration tests' own (tests.http_client).
+login = logged_in_session
+create_payload = create_request
 
 
 def sse_events(body: bytes) -> list[dict[str, Any]]:
