@@ -14,7 +14,7 @@ same fixed-user context. Environment:
                         (default: the store's own engine, 5 + 10 overflow)
 ``BENCH_FIX_ADAPTER``   "1": FastAPI host with ChatKit's per-request
                         ``TypeAdapter(ChatKitReq)`` cached (the fix the
-                        flask host has in ``flask_chatkit.protocol``)
+                        flask host has in ``flask_chatkit.web.protocol``)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import os
 from typing import Any
 
 from flask_chatkit.context import RequestContext
-from flask_chatkit.store import SQLAlchemyStore
+from flask_chatkit.storage.sql import SQLAlchemyStore
 from tests.word_server import WordServer
 
 BENCH_USER = "bench"
@@ -75,7 +75,7 @@ def make_store() -> SQLAlchemyStore:
     if pool_size:  # a fixed pool (no overflow): the store then runs exactly pool_size threads
         from sqlalchemy import create_engine, event
 
-        from flask_chatkit import schema
+        from flask_chatkit.storage import schema
 
         bind = create_engine(
             url, pool_size=pool_size, max_overflow=0,

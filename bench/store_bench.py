@@ -24,7 +24,7 @@ from typing import Any
 
 from chatkit.types import AssistantMessageContent, AssistantMessageItem, ThreadMetadata
 
-from flask_chatkit.store import SQLAlchemyStore
+from flask_chatkit.storage.sql import SQLAlchemyStore
 
 from .pgcluster import ClusterUnavailable, PostgresCluster
 

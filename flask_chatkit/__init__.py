@@ -1,12 +1,13 @@
 """flask-chatkit: serve OpenAI ChatKit from a synchronous Flask app.
 
-    chatkit = ChatKit(app, MyServer)   # MyServer subclasses chatkit.server.ChatKitServer
+chatkit = ChatKit(app, MyServer)   # MyServer subclasses chatkit.server.ChatKitServer
 """
 
-from .attachments import AttachmentStorage, DiskStorage, FileAttachmentStore
+from .attachments import FileAttachmentStore
 from .context import RequestContext
 from .extension import ChatKit
-from .store import SQLAlchemyStore
+from .storage.disk import AttachmentStorage, DiskStorage
+from .storage.sql import SQLAlchemyStore
 
 __all__ = [
     "AttachmentStorage",

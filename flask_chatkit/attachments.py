@@ -35,16 +35,13 @@ request time, so one ``FileAttachmentStore`` may serve several apps.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import mimetypes
-import os
 import re
-import tempfile
 import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
-from typing import IO, Any, Protocol, runtime_checkable
+from typing import Any
 
 from chatkit.store import AttachmentStore, Store
 from chatkit.types import (
@@ -57,94 +54,19 @@ from flask import Flask, current_app, has_app_context, url_for
 from pydantic import AnyUrl
 
 from .config import read_settings
-from .errors import ChatKitHTTPException
+from .storage.disk import (
+    AttachmentStorage,
+    DiskStorage,
+    is_valid_attachment_id,
+)
+from .web.errors import ChatKitHTTPException
 
 logger = logging.getLogger("flask_chatkit")
 
 AnyAttachment = FileAttachment | ImageAttachment
 
-ATTACHMENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 MAX_NAME_LENGTH = 255
 _CHUNK = 64 * 1024
-
-
-class AttachmentTooLarge(Exception):
-    """The bytes written exceeded ``max_bytes``; nothing was kept."""
-
-    def __init__(self, max_bytes: int) -> None:
-        super().__init__(f"Attachment exceeds {max_bytes} bytes.")
-        self.max_bytes = max_bytes
-
-
-def is_valid_attachment_id(attachment_id: str) -> bool:
-    return bool(ATTACHMENT_ID_RE.fullmatch(attachment_id))
-
-
-@runtime_checkable
-class AttachmentStorage(Protocol):
-    """Where attachment bytes live, keyed by attachment id."""
-
-    def save(self, attachment_id: str, chunks: Iterable[bytes], max_bytes: int) -> int:
-        """Store all of ``chunks`` under the id and return the byte count.
-
-        Must be all-or-nothing: on any error, or once more than ``max_bytes``
-        arrive (raise :class:`AttachmentTooLarge`), nothing is left stored.
-        """
-        ...
-
-    def open(self, attachment_id: str) -> IO[bytes]:
-        """A readable binary file object; ``FileNotFoundError`` when missing."""
-        ...
-
-    def delete(self, attachment_id: str) -> None:
-        """Remove the bytes; a missing id is not an error."""
-        ...
-
-    def exists(self, attachment_id: str) -> bool: ...
-
-
-class DiskStorage:
-    """One file per attachment in ``directory``, named by the (validated) id."""
-
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
-        self.directory = os.path.abspath(os.fspath(directory))
-
-    def path(self, attachment_id: str) -> str:
-        if not is_valid_attachment_id(attachment_id):
-            raise ValueError(f"Invalid attachment id {attachment_id!r}")
-        return os.path.join(self.directory, attachment_id)
-
-    def save(self, attachment_id: str, chunks: Iterable[bytes], max_bytes: int) -> int:
-        final = self.path(attachment_id)
-        os.makedirs(self.directory, exist_ok=True)
-        # The temp name contains dots, so it can never be mistaken for an id.
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".part")
-        total = 0
-        try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
-                    total += len(chunk)
-                    if total > max_bytes:
-                        raise AttachmentTooLarge(max_bytes)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        return total
-
-    def open(self, attachment_id: str) -> IO[bytes]:
-        return open(self.path(attachment_id), "rb")
-
-    def delete(self, attachment_id: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path(attachment_id))
-
-    def exists(self, attachment_id: str) -> bool:
-        return os.path.isfile(self.path(attachment_id))
 
 
 # -- helpers shared with the routes ------------------------------------------

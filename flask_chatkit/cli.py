@@ -1,6 +1,6 @@
 """``flask chatkit …`` commands: init-db, prune, export.
 
-They work on the app's :class:`~flask_chatkit.store.SQLAlchemyStore`
+They work on the app's :class:`~flask_chatkit.storage.sql.SQLAlchemyStore`
 (``current_app.extensions["chatkit"].store``) and are synchronous.
 """
 
@@ -14,7 +14,7 @@ from flask import current_app
 from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import inspect
 
-from .store import SQLAlchemyStore
+from .storage.sql import SQLAlchemyStore
 
 __all__ = ["chatkit_cli"]
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Request, current_app, g, session
 
-from .errors import ChatKitHTTPException
+from .web.errors import ChatKitHTTPException
 
 ContextLoader = Callable[[Request, dict[str, Any]], Any]
 

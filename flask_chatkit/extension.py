@@ -9,11 +9,11 @@ from chatkit.server import ChatKitServer
 from chatkit.store import AttachmentStore, Store
 from flask import Flask
 
-from .bridge import LoopThread
+from .bridge.loop import LoopThread
 from .config import read_settings
 from .context import ContextLoader
 from .state import ChatKitState
-from .views import create_blueprint
+from .web.endpoint import create_blueprint
 
 # One asyncio loop per worker process, shared by every app in it.
 _LOOP_THREAD = LoopThread()
@@ -106,7 +106,7 @@ class ChatKit:
     def _link_attachment_cleanup(store: Store[Any], attachment_store: AttachmentStore[Any]) -> None:
         """Deleting or pruning a thread in SQL also removes its attachment files."""
         from .attachments import FileAttachmentStore
-        from .store import SQLAlchemyStore
+        from .storage.sql import SQLAlchemyStore
 
         if (
             isinstance(store, SQLAlchemyStore)
@@ -117,7 +117,7 @@ class ChatKit:
 
     @staticmethod
     def _default_store(app: Flask, database_url: str) -> Store[Any]:
-        from .store import SQLAlchemyStore
+        from .storage.sql import SQLAlchemyStore
 
         if database_url.startswith("sqlite:///") and app.config["CHATKIT_DATABASE_URL"] is None:
             os.makedirs(app.instance_path, exist_ok=True)

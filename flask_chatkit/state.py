@@ -9,10 +9,10 @@ from chatkit.server import ChatKitServer
 from chatkit.store import AttachmentStore, Store
 from flask import Flask, current_app
 
-from .bridge import LoopThread
+from .bridge.loop import LoopThread
+from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
-from .threads import native_lock
 
 if TYPE_CHECKING:
     from .extension import ChatKit

@@ -40,7 +40,7 @@ from chatkit.types import (
 from flask.testing import FlaskClient
 from pydantic import TypeAdapter
 
-from .protocol import REQUEST_ADAPTER
+from .web.protocol import REQUEST_ADAPTER
 
 _EVENT_ADAPTER: TypeAdapter[ThreadStreamEvent] = TypeAdapter(ThreadStreamEvent)
 

@@ -22,13 +22,8 @@ from chatkit.types import FileAttachment, ImageAttachment, ThreadItemDoneEvent, 
 from flask import Flask
 from flask.testing import FlaskClient
 
-from flask_chatkit.attachments import (
-    AttachmentTooLarge,
-    DiskStorage,
-    FileAttachmentStore,
-    mime_allowed,
-    safe_name,
-)
+from flask_chatkit.attachments import FileAttachmentStore, mime_allowed, safe_name
+from flask_chatkit.storage.disk import AttachmentTooLarge, DiskStorage
 from flask_chatkit.testing import ChatKitClient, ChatKitHTTPError
 
 from .apps import create_test_app

@@ -20,7 +20,7 @@ from flask import Flask
 from flask.testing import FlaskCliRunner
 
 from flask_chatkit.cli import chatkit_cli
-from flask_chatkit.store import SQLAlchemyStore
+from flask_chatkit.storage.sql import SQLAlchemyStore
 
 ALICE = SimpleNamespace(user_id="alice")
 BOB = SimpleNamespace(user_id="bob")

@@ -11,7 +11,7 @@ import pytest
 from chatkit.server import NonStreamingResult, StreamingResult
 
 from flask_chatkit import RequestContext
-from flask_chatkit.protocol import parse_request, process_parsed
+from flask_chatkit.web.protocol import parse_request, process_parsed
 
 from .apps import ScriptedServer, create_test_app
 from .memory_store import MemoryStore
@@ -107,7 +107,7 @@ def test_view_never_builds_a_type_adapter_per_request(monkeypatch: pytest.Monkey
 def test_fast_path_is_on_for_the_pinned_sdk_and_guards_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flask_chatkit import protocol
+    from flask_chatkit.web import protocol
 
     # The installed SDK is the one the fast path was written against.
     assert protocol.FAST_PATH_AVAILABLE

@@ -54,7 +54,7 @@ from chatkit.types import (
 from chatkit.widgets import Card, Text
 from sqlalchemy.exc import DBAPIError
 
-from flask_chatkit.store import SQLAlchemyStore
+from flask_chatkit.storage.sql import SQLAlchemyStore
 
 T = TypeVar("T")
 ALICE = SimpleNamespace(user_id="alice")

@@ -19,9 +19,8 @@ from typing import IO, Any, TypeVar
 from chatkit.store import NotFoundError
 from flask import Blueprint, Response, request, send_file
 
-from .attachments import (
+from ..attachments import (
     AnyAttachment,
-    AttachmentTooLarge,
     FileAttachmentStore,
     attachment_json,
     build_attachment,
@@ -29,12 +28,12 @@ from .attachments import (
     guess_mime,
     is_image,
     is_uploaded,
-    is_valid_attachment_id,
     mark_uploaded,
     normalize_mime,
 )
+from ..state import ChatKitState, get_state
+from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
 from .errors import ChatKitHTTPException, method_not_allowed
-from .state import ChatKitState, get_state
 
 T = TypeVar("T")
 

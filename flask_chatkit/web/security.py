@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flask import Response, request
 
-from .config import Settings
+from ..config import Settings
 from .errors import ChatKitHTTPException
 
 PREFLIGHT_MAX_AGE = "600"

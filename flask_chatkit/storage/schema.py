@@ -1,4 +1,4 @@
-"""Tables, engine set-up and shared SQL for :class:`flask_chatkit.store.SQLAlchemyStore`.
+"""Tables, engine set-up and shared SQL for :class:`flask_chatkit.storage.sql.SQLAlchemyStore`.
 
 Imports nothing of Flask. Every table has an autoincrement ``seq`` column: it
 breaks ties between rows with the same ``created_at`` so keyset pages never skip

@@ -17,7 +17,7 @@ from typing import Any
 import gevent
 import gevent.event
 
-from .threads import gevent_patched
+from .native import gevent_patched
 
 TIMEOUT = object()  # nothing arrived within the timeout
 
@@ -84,4 +84,3 @@ Channel = ThreadChannel | GeventChannel
 
 def new_channel() -> Channel:
     return GeventChannel() if gevent_patched() else ThreadChannel()
-

@@ -3,7 +3,7 @@
 Imports nothing of Flask (a FastAPI or Django ChatKit host can use it as is).
 Every read and write is scoped by the owner key ``owner(context)``. The async
 methods run their blocking SQLAlchemy work on native OS threads (see
-:mod:`flask_chatkit.threads`) so a database round trip never blocks the loop.
+:mod:`flask_chatkit.bridge.native`) so a database round trip never blocks the loop.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ..bridge.native import NativeThreadPool, native_lock
 from .schema import (
     build_engine,
     build_tables,
@@ -41,7 +42,6 @@ from .schema import (
     keyset_page,
     upsert,
 )
-from .threads import NativeThreadPool, native_lock
 
 __all__ = ["SQLAlchemyStore", "default_owner"]
 

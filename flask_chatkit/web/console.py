@@ -8,7 +8,7 @@ from flask import Response, url_for
 
 
 def console_view() -> Response:
-    html = resources.files("flask_chatkit").joinpath("static/console.html").read_text("utf-8")
+    html = resources.files("flask_chatkit").joinpath("web/static/console.html").read_text("utf-8")
     api_url = url_for("chatkit.endpoint")
     html = html.replace("__CHATKIT_API_URL__", api_url)
     return Response(html, mimetype="text/html")

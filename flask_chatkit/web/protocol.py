@@ -139,8 +139,10 @@ def iter_owned_refs_checks(refs: OwnedRefs) -> Iterator[tuple[str, str]]:
 
 def _sdk_process_is_stock(server: ChatKitServer[Any]) -> bool:
     cls = type(server)
-    return FAST_PATH_AVAILABLE and cls.process is ChatKitServer.process and all(
-        callable(getattr(cls, hook, None)) for hook in _FAST_PATH_HOOKS
+    return (
+        FAST_PATH_AVAILABLE
+        and cls.process is ChatKitServer.process
+        and all(callable(getattr(cls, hook, None)) for hook in _FAST_PATH_HOOKS)
     )
 
 

@@ -21,9 +21,11 @@ from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
 from flask import Blueprint, Response, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
-from .attachments import is_uploaded
-from .bridge import Failure, Stream
-from .context import require_login
+from ..attachments import is_uploaded
+from ..bridge.loop import Failure
+from ..bridge.stream import Stream
+from ..context import require_login
+from ..state import ChatKitState, get_state
 from .errors import (
     ChatKitHTTPException,
     classify_exception,
@@ -40,7 +42,6 @@ from .protocol import (
     serialize_request,
 )
 from .security import apply_cors, check_origin, preflight_response
-from .state import ChatKitState, get_state
 
 logger = logging.getLogger("flask_chatkit")
 
@@ -53,7 +54,7 @@ def create_blueprint(*, console: bool = False) -> Blueprint:
     bp = Blueprint("chatkit", __name__, static_folder="static", static_url_path="/static")
     # Every method reaches the view so a wrong one gets the JSON 405, not HTML.
     bp.add_url_rule("", "endpoint", chatkit_endpoint, methods=ALL_METHODS, strict_slashes=False)
-    from .attachment_views import register_attachment_routes
+    from .uploads import register_attachment_routes
 
     register_attachment_routes(bp, ALL_METHODS)
     # Unknown paths under the prefix get the JSON 404 too, not Flask's HTML page.

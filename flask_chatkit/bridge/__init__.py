@@ -1,0 +1,1 @@
+"""async <-> sync: the per-process loop, streams, channels, native threads. No Flask."""

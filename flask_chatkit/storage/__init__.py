@@ -1,0 +1,1 @@
+"""Persistence: the SQL store and blob storages for attachment bytes. No Flask."""

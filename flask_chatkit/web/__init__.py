@@ -1,0 +1,1 @@
+"""The Flask surface: the ChatKit view, attachment routes, errors, security, console."""
