@@ -32,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_MAX_PAGE_SIZE": 100,
     "CHATKIT_CREATE_TABLES": True,
     "CHATKIT_CONSOLE": False,  # the protocol console at <prefix>/console (also on in debug)
+    "CHATKIT_ATTACHMENTS_URL": None,  # None: disk; "s3://bucket/prefix": S3-compatible storage
+    "CHATKIT_MAX_METADATA_BYTES": 16 * 1024,  # a request's serialized metadata beyond it: 413
+    "CHATKIT_PUBLIC_URL": None,  # trusted base for absolute URLs; else SERVER_NAME, else host
+    "CHATKIT_HEALTH": True,  # GET <prefix>/health for load balancers
 }
 
 
@@ -51,6 +55,10 @@ class Settings:
     max_page_size: int
     create_tables: bool
     console: bool
+    attachments_url: str | None
+    max_metadata_bytes: int
+    public_url: str | None
+    health: bool
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -104,4 +112,10 @@ def read_settings(app: Flask) -> Settings:
         max_page_size=_positive("CHATKIT_MAX_PAGE_SIZE", c["CHATKIT_MAX_PAGE_SIZE"]),
         create_tables=bool(c["CHATKIT_CREATE_TABLES"]),
         console=bool(c["CHATKIT_CONSOLE"]) or app.debug,
+        attachments_url=str(c["CHATKIT_ATTACHMENTS_URL"]) if c["CHATKIT_ATTACHMENTS_URL"] else None,
+        max_metadata_bytes=_positive(
+            "CHATKIT_MAX_METADATA_BYTES", c["CHATKIT_MAX_METADATA_BYTES"]
+        ),
+        public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
+        health=bool(c["CHATKIT_HEALTH"]),
     )
