@@ -16,6 +16,7 @@ from .context import ContextLoader, default_context_loader
 
 if TYPE_CHECKING:
     from .extension import ChatKit
+    from .telemetry import Telemetry
 
 
 @dataclass
@@ -26,6 +27,7 @@ class ChatKitState:
     attachment_store: AttachmentStore[Any] | None
     settings: Settings
     loop_thread: LoopThread
+    telemetry: Telemetry | None = None  # set when OpenTelemetry is configured
     _schema_ready: bool = False
     _schema_lock: Any = field(default_factory=native_lock)
 

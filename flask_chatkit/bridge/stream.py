@@ -10,7 +10,8 @@ import collections
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from chatkit.errors import ErrorCode
@@ -18,11 +19,13 @@ from chatkit.types import ErrorEvent
 
 from .channels import TIMEOUT, new_channel
 from .loop import Failure, LoopThread
+from .native import native_lock
 
 logger = logging.getLogger("flask_chatkit")
 
 PING = b": ping\n\n"
-_END = object()  # the pump finished (normally, or after cancellation)
+_END = object()  # the pump finished normally
+_CANCELLED = object()  # the pump ended because its task was cancelled
 
 
 def error_event_bytes() -> bytes:
@@ -32,10 +35,40 @@ def error_event_bytes() -> bytes:
 
 
 def _is_final(item: Any) -> bool:
-    return item is _END or isinstance(item, Failure)
+    return item is _END or item is _CANCELLED or isinstance(item, Failure)
 
 
 OnDisconnect = Literal["cancel", "finish"]
+Outcome = Literal["finished", "cancelled", "failed"]
+
+
+@dataclass
+class StreamStats:
+    """What one stream did; counted cheaply as it runs, read once at its end."""
+
+    started: float  # time.monotonic() when the Stream was created
+    first_event: float | None = None  # when the first write was ready
+    ended: float | None = None
+    events: int = 0  # chunks from the source (one SSE event each); pings not counted
+    bytes: int = 0
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
+    def time_to_first_event(self) -> float | None:
+        return None if self.first_event is None else self.first_event - self.started
+
+
+def _outcome_of(item: Any) -> tuple[Outcome, BaseException | None]:
+    if isinstance(item, Failure):
+        return "failed", item.exc
+    return ("finished" if item is _END else "cancelled"), None
+
+
+# Called exactly once per iterated stream: (outcome, stats, exception or None).
+OnEnd = Callable[[Outcome, StreamStats, BaseException | None], None]
 
 
 class Stream:
@@ -46,6 +79,11 @@ class Stream:
     iterating yields chunks (and heartbeats); ``close()`` is what WSGI calls on
     disconnect: it cancels the pump task so ChatKit's ``handle_stream_cancelled``
     runs, or lets it finish when ``on_disconnect == "finish"``.
+
+    ``on_end`` (optional) hears how the stream ended, once: in the reader's
+    thread/greenlet when it ends while read (finished, failed, cancelled on
+    disconnect), or on a native executor thread when a detached stream
+    (``"finish"``) completes later.
     """
 
     def __init__(
@@ -57,6 +95,8 @@ class Stream:
         heartbeat: float,
         cancel_timeout: float,
         on_disconnect: OnDisconnect = "cancel",
+        on_end: OnEnd | None = None,
+        started: float | None = None,
     ) -> None:
         self._loop_thread = loop_thread
         self._source = source
@@ -69,6 +109,10 @@ class Stream:
         self._detached = False  # the reader left and the pump should stop queuing
         self._finished = False
         self._queued: collections.deque[Any] = collections.deque()
+        self._on_end = on_end
+        self._end_claimed = native_lock()  # taken by the one report of the end
+        self._final: Any = None  # the pump's last item, once the reader took it
+        self.stats = StreamStats(started=time.monotonic() if started is None else started)
 
     def start(self) -> None:
         self._loop_thread.call_soon(self._create_task, context=self._context)
@@ -80,18 +124,43 @@ class Stream:
         # StreamingResult only re-yields its generator: iterate that directly
         # (one async-generator hop less per event).
         source = getattr(self._source, "json_events", self._source)
+        stats = self.stats
         try:
             async for chunk in source:
+                # Two integer adds per event: all the per-event cost observing adds.
+                stats.events += 1
+                stats.bytes += len(chunk)
                 if not self._detached:
                     self._channel.put(chunk)
         except asyncio.CancelledError:
-            self._channel.put(_END)
+            self._channel.put(_CANCELLED)
+            self._report_detached("cancelled", None)
             raise
         except Exception as exc:
             logger.exception("ChatKit stream failed")
             self._channel.put(Failure(exc))
+            self._report_detached("failed", exc)
         else:
             self._channel.put(_END)
+            self._report_detached("finished", None)
+
+    def _report_detached(self, outcome: Outcome, exc: BaseException | None) -> None:
+        # A detached stream has no reader left to report its end: do it off the
+        # loop (receivers may block) on the loop's native executor.
+        if self._detached and self._on_end is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._end, outcome, exc)
+
+    def _end(self, outcome: Outcome, exc: BaseException | None) -> None:
+        """Report the end once; a failing callback is logged, never raised."""
+        on_end = self._on_end
+        # The reader and (when detached) the loop's executor may both get here.
+        if on_end is None or not self._end_claimed.acquire(blocking=False):
+            return
+        self.stats.ended = time.monotonic()
+        try:
+            on_end(outcome, self.stats, exc)
+        except Exception:
+            logger.exception("ChatKit stream end callback failed")
 
     def _next_write(self) -> bytes | Failure | None:
         """Everything that is ready, joined into one write; None at the end.
@@ -102,12 +171,10 @@ class Stream:
         while True:
             if self._queued:
                 item = self._queued.popleft()
-                if item is _END:
+                if _is_final(item):
                     self._finished = True
-                    return None
-                if isinstance(item, Failure):
-                    self._finished = True
-                    return item
+                    self._final = item  # reported by close(), after the last write
+                    return item if isinstance(item, Failure) else None
                 chunks = [item]
                 while self._queued and isinstance(self._queued[0], bytes):
                     chunks.append(self._queued.popleft())
@@ -121,6 +188,7 @@ class Stream:
     def first(self) -> bytes | Failure | None:
         """The first write, so a failure before any byte can become an HTTP error."""
         write = self._next_write()
+        self.stats.first_event = time.monotonic()
         if isinstance(write, bytes):
             self._queued.appendleft(write)
         return write
@@ -132,6 +200,7 @@ class Stream:
                 if write is None:
                     return
                 if isinstance(write, Failure):
+                    self._end("failed", write.exc)  # before the write a gone client may stop
                     yield error_event_bytes()
                     return
                 yield write
@@ -139,15 +208,28 @@ class Stream:
             self.close()
 
     def close(self) -> None:
-        if self._finished or any(_is_final(item) for item in self._queued):
-            self._finished = True  # the pump already ended: nothing to cancel
+        if self._finished:
+            if self._final is not None:
+                self._end(*_outcome_of(self._final))
             return
+        for item in self._queued:  # the pump already ended: nothing to cancel
+            if _is_final(item):
+                self._finished = True
+                self._end(*_outcome_of(item))
+                return
         self._finished = True
         if self._on_disconnect == "finish":
             self._detached = True  # run to completion; ChatKit persists as usual
+            # An end that arrived before the flag was set is reported here;
+            # later ones by the pump itself (_report_detached).
+            batch = self._channel.get_batch(0)
+            for item in batch if isinstance(batch, list) else ():
+                if _is_final(item):
+                    self._end(*_outcome_of(item))
             return
         self._loop_thread.call_soon(self._cancel, context=self._context)
         self._drain_until_end(self._cancel_timeout)
+        self._end("cancelled", None)
 
     def _cancel(self) -> None:
         # _create_task was scheduled first on the same FIFO loop, so the task exists.

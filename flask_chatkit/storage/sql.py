@@ -173,6 +173,10 @@ class SQLAlchemyStore(Store[Any]):
             with self._tx(write=True) as conn:
                 self.metadata.create_all(conn, checkfirst=True)
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on a pooled connection (the health route's database check)."""
+        await self._run(self._ping)
+
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()

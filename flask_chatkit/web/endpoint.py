@@ -33,6 +33,7 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .observe import RequestObserver, count_error_response
 from .protocol import (
     clamp_page_limit,
     iter_owned_refs_checks,
@@ -50,7 +51,7 @@ ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_blueprint(*, console: bool = False) -> Blueprint:
+def create_blueprint(*, console: bool = False, health: bool = True) -> Blueprint:
     bp = Blueprint("chatkit", __name__, static_folder="static", static_url_path="/static")
     # Every method reaches the view so a wrong one gets the JSON 405, not HTML.
     bp.add_url_rule("", "endpoint", chatkit_endpoint, methods=ALL_METHODS, strict_slashes=False)
@@ -59,6 +60,10 @@ def create_blueprint(*, console: bool = False) -> Blueprint:
     register_attachment_routes(bp, ALL_METHODS)
     # Unknown paths under the prefix get the JSON 404 too, not Flask's HTML page.
     bp.add_url_rule("/<path:unknown>", "unknown", _unknown_path, methods=ALL_METHODS)
+    if health:  # off: the JSON 404 of unknown paths
+        from .health import health_view
+
+        bp.add_url_rule("/health", "health", health_view, methods=ALL_METHODS)
     if console:
         from .console import console_view
 
@@ -82,7 +87,9 @@ def _before_request() -> Response | None:
 
 def _after_request(response: Response) -> Response:
     response.headers.setdefault("X-Request-ID", g.get("chatkit_request_id", ""))
-    apply_cors(response, get_state().settings)
+    state = get_state()
+    apply_cors(response, state.settings)
+    count_error_response(state, request.endpoint, response.status_code)
     return response
 
 
@@ -133,11 +140,17 @@ def chatkit_endpoint() -> Response:
         body = serialize_request(parsed)
     context = state.context_loader(request, parsed.metadata)
     state.ensure_schema()
-    return run_chatkit_request(state, parsed, body, context)
+    observer = RequestObserver(state, parsed.type, context, owned_refs(parsed).thread_id)
+    with observer.active():  # the request's span is current while ChatKit runs
+        return run_chatkit_request(state, parsed, body, context, observer)
 
 
 def run_chatkit_request(
-    state: ChatKitState, parsed: ChatKitReq, body: bytes, context: Any
+    state: ChatKitState,
+    parsed: ChatKitReq,
+    body: bytes,
+    context: Any,
+    observer: RequestObserver,
 ) -> Response:
     # Flask's app/request contexts and Flask-Login's user live in contextvars:
     # the copy makes them visible inside respond() on the loop thread.
@@ -147,11 +160,12 @@ def run_chatkit_request(
         ctx.run(defer_new_thread)  # no empty thread if the first write fails
 
     async def start() -> Any:
-        await verify_ownership(state.store, parsed, context)
+        await verify_ownership(state.server.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
     if not isinstance(result, StreamingResult):
+        observer.responded(200)
         return Response(result.json, mimetype="application/json")
 
     settings = state.settings
@@ -162,11 +176,14 @@ def run_chatkit_request(
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
         on_disconnect=settings.on_disconnect,
+        on_end=observer.stream_ended,
+        started=observer.started,
     )
     stream.start()
     first = stream.first()
     if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
         raise first.exc
+    observer.stream_started(first)
     return Response(
         stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
     )

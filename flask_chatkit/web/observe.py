@@ -1,0 +1,212 @@
+"""Signals and OpenTelemetry for one ChatKit request, from receipt to the stream's end.
+
+The view makes a :class:`RequestObserver` once the request is parsed and
+its context resolved. The stream's end is reported by the bridge's
+``on_end`` callback: in the request's own greenlet/thread while the WSGI
+response is iterated or closed (the request context is still pushed), or
+on a native thread for a reply finishing after its client left
+(``CHATKIT_ON_DISCONNECT = "finish"``), where the app context is pushed
+here. Nothing here runs per event.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from flask import Flask, current_app, has_app_context
+from werkzeug.exceptions import HTTPException
+
+from .. import signals
+from ..bridge.stream import Outcome, StreamStats
+from ..config import Settings
+from .errors import classify_exception
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from ..state import ChatKitState
+    from ..telemetry import Telemetry
+
+
+def load_telemetry(settings: Settings) -> Telemetry | None:
+    """Telemetry when the app configured an OpenTelemetry provider, else None.
+
+    Without ``opentelemetry`` already imported (the app configures it before
+    ``init_app``) nothing is imported here.
+    """
+    if "opentelemetry.trace" not in sys.modules and "opentelemetry.metrics" not in sys.modules:
+        return None
+    from ..telemetry import Telemetry, providers_configured
+
+    if not providers_configured():
+        return None
+    return Telemetry(record_owner=settings.otel_record_owner)
+
+
+def status_of(exc: BaseException) -> int:
+    """The HTTP status the blueprint's error handlers answer ``exc`` with."""
+    if isinstance(exc, HTTPException):
+        return exc.code or 500
+    known = classify_exception(exc)
+    return (known.code or 500) if known is not None else 500
+
+
+def created_thread_id(first_write: bytes) -> str | None:
+    """The thread id in a ``thread.created`` first event (threads.create), else None."""
+    head = first_write.split(b"\n\n", 1)[0]
+    if not head.startswith(b"data: ") or b'"thread.created"' not in head:
+        return None
+    try:
+        thread = json.loads(head[6:]).get("thread") or {}
+    except ValueError:
+        return None
+    thread_id = thread.get("id") if isinstance(thread, dict) else None
+    return thread_id if isinstance(thread_id, str) else None
+
+
+class RequestObserver:
+    """Sends the request's signals and keeps its span and stream metrics."""
+
+    def __init__(self, state: ChatKitState, op: str, context: Any, thread_id: str | None) -> None:
+        self.app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
+        self.started = time.monotonic()
+        self.op = op
+        self.context = context
+        self.thread_id = thread_id
+        self.telemetry = state.telemetry
+        self._span: Span | None = None
+        self._attributes = {"chatkit.op": op}
+        signals.send(signals.request_received, self.app, op=op, context=context)
+        if self.telemetry is not None:
+            start: dict[str, Any] = dict(self._attributes)
+            if thread_id:
+                start["chatkit.thread_id"] = thread_id
+            if self.telemetry.record_owner:
+                start["chatkit.owner"] = _owner_key(state, context)
+            self._span, self._token = self.telemetry.start_span(op, start)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        """While the view runs: the span is current; an exception ends it with its status."""
+        try:
+            yield
+        except BaseException as exc:
+            self._end_span({"http.response.status_code": status_of(exc)}, error_status=exc)
+            raise
+        finally:
+            if self.telemetry is not None:
+                self.telemetry.deactivate(self._token)
+
+    def responded(self, status: int) -> None:
+        """A plain JSON reply was returned."""
+        self._end_span({"http.response.status_code": status, "chatkit.outcome": str(status)})
+
+    def stream_started(self, first_write: bytes | None) -> None:
+        if self.thread_id is None and first_write:
+            self.thread_id = created_thread_id(first_write)
+        signals.send(
+            signals.stream_started,
+            self.app,
+            op=self.op,
+            thread_id=self.thread_id,
+            context=self.context,
+        )
+        if self.telemetry is not None:
+            self.telemetry.open_streams.add(1, self._attributes)
+            ttfe = time.monotonic() - self.started
+            self.telemetry.time_to_first_event.record(ttfe, self._attributes)
+
+    def stream_ended(self, outcome: Outcome, stats: StreamStats, exc: BaseException | None) -> None:
+        """The bridge's ``on_end``: signals first, then span and metrics."""
+        if has_app_context():
+            self._send_end_signal(outcome, stats, exc)
+        else:  # a detached reply finishing on a native thread
+            with self.app.app_context():
+                self._send_end_signal(outcome, stats, exc)
+        telemetry = self.telemetry
+        if telemetry is None:
+            return
+        attributes = self._attributes
+        telemetry.open_streams.add(-1, attributes)
+        telemetry.stream_duration.record(stats.duration, {**attributes, "chatkit.outcome": outcome})
+        telemetry.events.add(stats.events, attributes)
+        if outcome == "cancelled":
+            telemetry.cancellations.add(1, attributes)
+        elif outcome == "failed":
+            telemetry.errors.add(1, {**attributes, "error.type": "stream_error"})
+        span_attributes: dict[str, Any] = {
+            "http.response.status_code": 200,
+            "chatkit.outcome": outcome,
+            "chatkit.events": stats.events,
+            "chatkit.bytes": stats.bytes,
+        }
+        if stats.time_to_first_event is not None:
+            span_attributes["chatkit.time_to_first_event"] = stats.time_to_first_event
+        self._end_span(span_attributes, error=exc, failed=outcome == "failed")
+
+    def _send_end_signal(
+        self, outcome: Outcome, stats: StreamStats, exc: BaseException | None
+    ) -> None:
+        kwargs: dict[str, Any] = {
+            "op": self.op,
+            "thread_id": self.thread_id,
+            "context": self.context,
+            "events": stats.events,
+            "duration": stats.duration,
+        }
+        if outcome == "finished":
+            signals.send(signals.stream_finished, self.app, **kwargs)
+        elif outcome == "cancelled":
+            signals.send(signals.stream_cancelled, self.app, **kwargs)
+        else:
+            signals.send(signals.stream_failed, self.app, exc=exc, **kwargs)
+
+    def _end_span(
+        self,
+        attributes: dict[str, Any],
+        *,
+        error: BaseException | None = None,
+        failed: bool = False,
+        error_status: BaseException | None = None,
+    ) -> None:
+        span, self._span = self._span, None
+        if span is None or self.telemetry is None:
+            return
+        if self.thread_id:
+            attributes["chatkit.thread_id"] = self.thread_id
+        if error_status is not None:  # an HTTP error: a failure only when it is a 5xx
+            status = int(attributes["http.response.status_code"])
+            attributes["chatkit.outcome"] = str(status)
+            if status >= 500:
+                error = error_status
+        self.telemetry.end_span(span, attributes, error=error, failed=failed)
+
+
+def attachment_stored(attachment_id: str, size: int | None, context: Any) -> None:
+    """An upload route stored an attachment's bytes and row."""
+    app = current_app._get_current_object()  # type: ignore[attr-defined]
+    signals.send(
+        signals.attachment_stored, app, attachment_id=attachment_id, size=size, context=context
+    )
+
+
+def count_error_response(state: ChatKitState, endpoint: str | None, status: int) -> None:
+    """Errors by status code, for every route of the blueprint (after_request)."""
+    telemetry = state.telemetry
+    if telemetry is not None and status >= 400:
+        route = (endpoint or "unknown").removeprefix("chatkit.")
+        telemetry.errors.add(1, {"chatkit.route": route, "http.response.status_code": status})
+
+
+def _owner_key(state: ChatKitState, context: Any) -> str:
+    owner_key = getattr(state.store, "owner_key", None)
+    try:
+        key = owner_key(context) if callable(owner_key) else getattr(context, "user_id", "")
+    except Exception:  # a context the store refuses: the request fails later anyway
+        key = ""
+    return str(key)
