@@ -24,6 +24,8 @@ from .native import native_lock
 logger = logging.getLogger("flask_chatkit")
 
 PING = b": ping\n\n"
+# ChatKit turns an exception inside respond into this event and ends the stream.
+ERROR_EVENT_PREFIX = b'data: {"type":"error"'
 _END = object()  # the pump finished normally
 _CANCELLED = object()  # the pump ended because its task was cancelled
 
@@ -50,7 +52,8 @@ class StreamStats:
     first_event: float | None = None  # when the first write was ready
     ended: float | None = None
     events: int = 0  # chunks from the source (one SSE event each); pings not counted
-    bytes: int = 0
+    bytes_sent: int = 0
+    error_event: bytes | None = None  # the last ChatKit error event sent, if any
 
     @property
     def duration(self) -> float:
@@ -61,13 +64,9 @@ class StreamStats:
         return None if self.first_event is None else self.first_event - self.started
 
 
-def _outcome_of(item: Any) -> tuple[Outcome, BaseException | None]:
-    if isinstance(item, Failure):
-        return "failed", item.exc
-    return ("finished" if item is _END else "cancelled"), None
-
-
 # Called exactly once per iterated stream: (outcome, stats, exception or None).
+# A failure ChatKit itself turned into an error event comes with None (and
+# ``stats.error_event``): the SDK keeps the exception.
 OnEnd = Callable[[Outcome, StreamStats, BaseException | None], None]
 
 
@@ -129,12 +128,14 @@ class Stream:
             async for chunk in source:
                 # Two integer adds per event: all the per-event cost observing adds.
                 stats.events += 1
-                stats.bytes += len(chunk)
+                stats.bytes_sent += len(chunk)
+                if chunk.startswith(ERROR_EVENT_PREFIX):
+                    stats.error_event = chunk
                 if not self._detached:
                     self._channel.put(chunk)
         except asyncio.CancelledError:
             self._channel.put(_CANCELLED)
-            self._report_detached("cancelled", None)
+            self._report_detached(*self._outcome_of(_CANCELLED))
             raise
         except Exception as exc:
             logger.exception("ChatKit stream failed")
@@ -142,13 +143,21 @@ class Stream:
             self._report_detached("failed", exc)
         else:
             self._channel.put(_END)
-            self._report_detached("finished", None)
+            self._report_detached(*self._outcome_of(_END))
 
     def _report_detached(self, outcome: Outcome, exc: BaseException | None) -> None:
         # A detached stream has no reader left to report its end: do it off the
         # loop (receivers may block) on the loop's native executor.
         if self._detached and self._on_end is not None:
             asyncio.get_running_loop().run_in_executor(None, self._end, outcome, exc)
+
+    def _outcome_of(self, item: Any) -> tuple[Outcome, BaseException | None]:
+        if isinstance(item, Failure):
+            return "failed", item.exc
+        if item is _CANCELLED:
+            return "cancelled", None
+        # ChatKit caught an error in respond and sent an error event: a failure too.
+        return ("failed" if self.stats.error_event is not None else "finished"), None
 
     def _end(self, outcome: Outcome, exc: BaseException | None) -> None:
         """Report the end once; a failing callback is logged, never raised."""
@@ -210,12 +219,12 @@ class Stream:
     def close(self) -> None:
         if self._finished:
             if self._final is not None:
-                self._end(*_outcome_of(self._final))
+                self._end(*self._outcome_of(self._final))
             return
         for item in self._queued:  # the pump already ended: nothing to cancel
             if _is_final(item):
                 self._finished = True
-                self._end(*_outcome_of(item))
+                self._end(*self._outcome_of(item))
                 return
         self._finished = True
         if self._on_disconnect == "finish":
@@ -225,7 +234,7 @@ class Stream:
             batch = self._channel.get_batch(0)
             for item in batch if isinstance(batch, list) else ():
                 if _is_final(item):
-                    self._end(*_outcome_of(item))
+                    self._end(*self._outcome_of(item))
             return
         self._loop_thread.call_soon(self._cancel, context=self._context)
         self._drain_until_end(self._cancel_timeout)

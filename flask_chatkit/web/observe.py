@@ -12,7 +12,9 @@ here. Nothing here runs per event.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
+import logging
 import sys
 import time
 from collections.abc import Iterator
@@ -31,6 +33,56 @@ if TYPE_CHECKING:
 
     from ..state import ChatKitState
     from ..telemetry import Telemetry
+
+
+class ChatKitErrorEvent(Exception):
+    """``stream_failed``'s ``exc`` when only ChatKit's error event tells of the failure.
+
+    (ChatKit sends an error event for a ``StreamError``/``CustomStreamError``
+    raised in ``respond`` without logging it.)
+    """
+
+    def __init__(self, code: str, message: str | None) -> None:
+        super().__init__(f"{code}: {message}" if message else code)
+        self.code = code
+        self.message = message
+
+
+class _RespondError:
+    exc: BaseException | None = None
+
+
+# Set per request before the view copies its context for the loop, so the
+# log filter below, running inside respond's task, finds this request's holder.
+_respond_error: contextvars.ContextVar[_RespondError | None] = contextvars.ContextVar(
+    "flask_chatkit_respond_error", default=None
+)
+
+
+class _KeepRespondError(logging.Filter):
+    """ChatKit logs the exception it turns into an error event: keep it for the signal."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        holder = _respond_error.get()
+        if holder is not None and holder.exc is None and record.exc_info:
+            holder.exc = record.exc_info[1]
+        return True
+
+
+_chatkit_logger = logging.getLogger("chatkit")
+if not any(isinstance(f, _KeepRespondError) for f in _chatkit_logger.filters):
+    _chatkit_logger.addFilter(_KeepRespondError())
+
+
+def stream_failure(stats: StreamStats, holder: _RespondError) -> BaseException:
+    """The exception behind an error event: the logged one, else the event's code."""
+    if holder.exc is not None:
+        return holder.exc
+    code, message = "stream.error", None
+    with contextlib.suppress(ValueError, AttributeError):
+        event = json.loads((stats.error_event or b"data: {}")[6:])
+        code, message = str(event.get("code") or code), event.get("message")
+    return ChatKitErrorEvent(code, message)
 
 
 def load_telemetry(settings: Settings) -> Telemetry | None:
@@ -81,6 +133,8 @@ class RequestObserver:
         self.telemetry = state.telemetry
         self._span: Span | None = None
         self._attributes = {"chatkit.op": op}
+        self._respond_error = _RespondError()
+        _respond_error.set(self._respond_error)
         signals.send(signals.request_received, self.app, op=op, context=context)
         if self.telemetry is not None:
             start: dict[str, Any] = dict(self._attributes)
@@ -123,6 +177,8 @@ class RequestObserver:
 
     def stream_ended(self, outcome: Outcome, stats: StreamStats, exc: BaseException | None) -> None:
         """The bridge's ``on_end``: signals first, then span and metrics."""
+        if outcome == "failed" and exc is None:
+            exc = stream_failure(stats, self._respond_error)
         if has_app_context():
             self._send_end_signal(outcome, stats, exc)
         else:  # a detached reply finishing on a native thread
@@ -143,7 +199,7 @@ class RequestObserver:
             "http.response.status_code": 200,
             "chatkit.outcome": outcome,
             "chatkit.events": stats.events,
-            "chatkit.bytes": stats.bytes,
+            "chatkit.bytes": stats.bytes_sent,
         }
         if stats.time_to_first_event is not None:
             span_attributes["chatkit.time_to_first_event"] = stats.time_to_first_event
