@@ -2,7 +2,8 @@
 
 Only imported when an OpenTelemetry tracer or meter provider is configured
 (see ``web/observe.py``): without one, nothing here is loaded and requests
-pay nothing. Uses the OpenTelemetry API only; the SDK is the app's choice.
+pay nothing (the OpenTelemetry API itself may still be imported by ChatKit's
+own dependencies; it is never called). Uses the OpenTelemetry API only; the SDK is the app's choice.
 
 Per request: a span ``chatkit <op>`` (a child of the Flask server span when
 ``opentelemetry-instrumentation-flask`` is active), current while ChatKit
@@ -21,8 +22,7 @@ from chatkit.store import Store, StoreItemType
 from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
 from opentelemetry import context as otel_context
 from opentelemetry import metrics, trace
-from opentelemetry.metrics import NoOpMeterProvider
-from opentelemetry.trace import NoOpTracerProvider, ProxyTracerProvider, Span, Status, StatusCode
+from opentelemetry.trace import Span, Status, StatusCode
 
 T = TypeVar("T")
 
@@ -30,18 +30,6 @@ SCOPE = "flask_chatkit"
 # Seconds, from a fast store call to a long reply.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-
-
-def providers_configured() -> bool:
-    """True when the app set a real tracer or meter provider (not the API's defaults)."""
-    tracer_provider = trace.get_tracer_provider()
-    if not isinstance(tracer_provider, (ProxyTracerProvider, NoOpTracerProvider)):
-        return True
-    meter_provider = metrics.get_meter_provider()
-    # The API's default is a private proxy class: compare by name, not import it.
-    return not isinstance(meter_provider, NoOpMeterProvider) and (
-        type(meter_provider).__name__ != "_ProxyMeterProvider"
-    )
 
 
 class Telemetry:

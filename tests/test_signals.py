@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -209,3 +210,29 @@ def test_attachment_stored_on_two_phase_upload(
     assert response.status_code == 200
     assert recorder.one("attachment_stored")["attachment_id"] == attachment.id
     assert recorder.one("attachment_stored")["size"] == 3
+
+
+def test_a_reply_finishing_after_its_client_left(
+    store: MemoryStore, tmp_path: Any
+) -> None:
+    """CHATKIT_ON_DISCONNECT="finish": the end is reported later, off the request, in the
+    app context."""
+    app = create_test_app(
+        store=store, instance_path=str(tmp_path / "i"), CHATKIT_ON_DISCONNECT="finish"
+    )
+    recorder = Recorder(app)
+    client = app.test_client()
+    client.post("/login/alice")
+    response = client.post("/chatkit", json=create_request("words=30 delay=0.01"), buffered=False)
+    assert b"thread.created" in next(iter(response.response))
+    response.close()
+    deadline = time.monotonic() + 10
+    while "stream_finished" not in recorder.names():
+        assert time.monotonic() < deadline, recorder.names()
+        time.sleep(0.02)
+    finished = recorder.one("stream_finished")
+    assert finished["_app"] == "chatkit_test_app"  # the app context was pushed for it
+    assert finished["_path"] is None  # the request itself is over
+    assert finished["events"] >= 30  # every delta was produced, none sent
+    assert "stream_cancelled" not in recorder.names()
+    assert app.extensions["chatkit"].server.cancelled == 0

@@ -88,15 +88,27 @@ def stream_failure(stats: StreamStats, holder: _RespondError) -> BaseException:
 def load_telemetry(settings: Settings) -> Telemetry | None:
     """Telemetry when the app configured an OpenTelemetry provider, else None.
 
-    Without ``opentelemetry`` already imported (the app configures it before
-    ``init_app``) nothing is imported here.
+    Looks only at modules already imported (the app configures OpenTelemetry
+    before ``init_app``); ``flask_chatkit.telemetry`` is imported only then.
     """
-    if "opentelemetry.trace" not in sys.modules and "opentelemetry.metrics" not in sys.modules:
+    trace_api = sys.modules.get("opentelemetry.trace")
+    metrics_api = sys.modules.get("opentelemetry.metrics")
+    configured = False
+    if trace_api is not None:
+        provider = trace_api.get_tracer_provider()
+        configured = not isinstance(
+            provider, (trace_api.ProxyTracerProvider, trace_api.NoOpTracerProvider)
+        )
+    if not configured and metrics_api is not None:
+        provider = metrics_api.get_meter_provider()
+        # The API's default is a private proxy class: compare by name.
+        configured = not isinstance(provider, metrics_api.NoOpMeterProvider) and (
+            type(provider).__name__ != "_ProxyMeterProvider"
+        )
+    if not configured:
         return None
-    from ..telemetry import Telemetry, providers_configured
+    from ..telemetry import Telemetry
 
-    if not providers_configured():
-        return None
     return Telemetry(record_owner=settings.otel_record_owner)
 
 
