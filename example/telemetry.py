@@ -36,7 +36,9 @@ def setup_console_telemetry(app: Flask) -> bool:
     except ImportError:
         logger.warning("OTEL_*_EXPORTER=console needs: pip install opentelemetry-sdk")
         return False
-    resource = Resource.create({"service.name": os.environ.get("OTEL_SERVICE_NAME", "chatkit-demo")})
+    resource = Resource.create(
+        {"service.name": os.environ.get("OTEL_SERVICE_NAME", "chatkit-demo")}
+    )
     if traces and not _is_sdk(trace.get_tracer_provider()):
         provider = TracerProvider(resource=resource)
         provider.add_span_processor(BatchSpanProcessor(ConsoleSpanExporter()))
