@@ -126,7 +126,7 @@ class Stream:
         stats = self.stats
         try:
             async for chunk in source:
-                # Two integer adds per event: all the per-event cost observing adds.
+                # Two adds and a prefix test: all the per-event cost observing adds.
                 stats.events += 1
                 stats.bytes_sent += len(chunk)
                 if chunk.startswith(ERROR_EVENT_PREFIX):

@@ -140,7 +140,8 @@ def chatkit_endpoint() -> Response:
         body = serialize_request(parsed)
     context = state.context_loader(request, parsed.metadata)
     state.ensure_schema()
-    observer = RequestObserver(state, parsed.type, context, owned_refs(parsed).thread_id)
+    thread_id = getattr(parsed.params, "thread_id", None)
+    observer = RequestObserver(state, parsed.type, context, thread_id)
     with observer.active():  # the request's span is current while ChatKit runs
         return run_chatkit_request(state, parsed, body, context, observer)
 
