@@ -17,7 +17,7 @@ from flask_chatkit import signals
 from flask_chatkit.testing import ChatKitClient
 
 from .apps import create_test_app
-from .http_client import create_request
+from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
 
 ALL = (
@@ -112,8 +112,7 @@ def test_a_cancelled_stream(
     client: FlaskClient, alice: Any, recorder: Recorder, app: Flask
 ) -> None:
     response = client.post("/chatkit", json=create_request("words=500 delay=0.01"), buffered=False)
-    chunks = iter(response.response)
-    assert b"thread.created" in next(chunks)
+    read_until_delta(response)
     response.close()  # what the WSGI server does when the client is gone
     cancelled = recorder.one("stream_cancelled")
     assert "stream_finished" not in recorder.names()
@@ -233,6 +232,6 @@ def test_a_reply_finishing_after_its_client_left(
     finished = recorder.one("stream_finished")
     assert finished["_app"] == "chatkit_test_app"  # the app context was pushed for it
     assert finished["_path"] is None  # the request itself is over
-    assert finished["events"] >= 30  # every delta was produced, none sent
+    assert 1 <= finished["events"] < 30  # the events the client got before it left
     assert "stream_cancelled" not in recorder.names()
     assert app.extensions["chatkit"].server.cancelled == 0

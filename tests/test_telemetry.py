@@ -25,7 +25,7 @@ from flask_chatkit.telemetry import TimedStore
 
 from .apps import ScriptedServer, create_test_app
 from .gunicorn import ROOT
-from .http_client import create_request
+from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
 
 
@@ -184,7 +184,7 @@ def test_stream_metrics(client: FlaskClient, alice: Any, otel: Otel, app: Flask)
     response = client.post(
         "/chatkit", json=create_request("words=500 delay=0.01"), buffered=False
     )
-    next(iter(response.response))
+    read_until_delta(response)
     response.close()  # the client left: cancelled
     assert app.extensions["chatkit"].server.cancelled == 1
 

@@ -53,7 +53,18 @@ class StreamStats:
     ended: float | None = None
     events: int = 0  # chunks from the source (one SSE event each); pings not counted
     bytes_sent: int = 0
-    error_event: bytes | None = None  # the last ChatKit error event sent, if any
+    # The last two writes: ChatKit's error event is at most two events before the end.
+    tail: tuple[bytes, bytes] = (b"", b"")
+
+    @property
+    def error_event(self) -> bytes | None:
+        """The ChatKit error event near the end of the stream, if it ended with one."""
+        for write in self.tail:
+            start = write.rfind(ERROR_EVENT_PREFIX)
+            if start >= 0:
+                end = write.find(b"\n\n", start)
+                return write[start : end if end >= 0 else len(write)]
+        return None
 
     @property
     def duration(self) -> float:
@@ -123,14 +134,8 @@ class Stream:
         # StreamingResult only re-yields its generator: iterate that directly
         # (one async-generator hop less per event).
         source = getattr(self._source, "json_events", self._source)
-        stats = self.stats
         try:
-            async for chunk in source:
-                # Two adds and a prefix test: all the per-event cost observing adds.
-                stats.events += 1
-                stats.bytes_sent += len(chunk)
-                if chunk.startswith(ERROR_EVENT_PREFIX):
-                    stats.error_event = chunk
+            async for chunk in source:  # nothing per event beyond the hand-over
                 if not self._detached:
                     self._channel.put(chunk)
         except asyncio.CancelledError:
@@ -187,7 +192,13 @@ class Stream:
                 chunks = [item]
                 while self._queued and isinstance(self._queued[0], bytes):
                     chunks.append(self._queued.popleft())
-                return b"".join(chunks)
+                write = b"".join(chunks)
+                # Counted per write (a batch of events), not per event.
+                stats = self.stats
+                stats.events += len(chunks)
+                stats.bytes_sent += len(write)
+                stats.tail = (stats.tail[1], write)
+                return write
             batch = self._channel.get_batch(self._heartbeat)
             if batch is TIMEOUT:
                 return PING
@@ -197,9 +208,13 @@ class Stream:
     def first(self) -> bytes | Failure | None:
         """The first write, so a failure before any byte can become an HTTP error."""
         write = self._next_write()
-        self.stats.first_event = time.monotonic()
+        stats = self.stats
+        stats.first_event = time.monotonic()
         if isinstance(write, bytes):
             self._queued.appendleft(write)
+            # Re-taken as one more chunk by the first iteration: count it only then.
+            stats.events -= 1
+            stats.bytes_sent -= len(write)
         return write
 
     def __iter__(self) -> Iterator[bytes]:

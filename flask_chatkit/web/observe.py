@@ -133,6 +133,14 @@ def created_thread_id(first_write: bytes) -> str | None:
     return thread_id if isinstance(thread_id, str) else None
 
 
+_STREAM_SIGNALS = (
+    signals.stream_started,
+    signals.stream_finished,
+    signals.stream_cancelled,
+    signals.stream_failed,
+)
+
+
 class RequestObserver:
     """Sends the request's signals and keeps its span and stream metrics."""
 
@@ -173,7 +181,7 @@ class RequestObserver:
         self._end_span({"http.response.status_code": status, "chatkit.outcome": str(status)})
 
     def stream_started(self, first_write: bytes | None) -> None:
-        if self.thread_id is None and first_write:
+        if self.thread_id is None and first_write and self._wants_thread_id():
             self.thread_id = created_thread_id(first_write)
         signals.send(
             signals.stream_started,
@@ -186,6 +194,10 @@ class RequestObserver:
             self.telemetry.open_streams.add(1, self._attributes)
             ttfe = time.monotonic() - self.started
             self.telemetry.time_to_first_event.record(ttfe, self._attributes)
+
+    def _wants_thread_id(self) -> bool:
+        """Parse the new thread's id out of the first event only when someone listens."""
+        return self.telemetry is not None or any(signal.receivers for signal in _STREAM_SIGNALS)
 
     def stream_ended(self, outcome: Outcome, stats: StreamStats, exc: BaseException | None) -> None:
         """The bridge's ``on_end``: signals first, then span and metrics."""
