@@ -82,3 +82,29 @@ def test_cancelled_replies_counted_per_user(tmp_path: Path, worker_class: str) -
         assert all(e["app"] == "chatkit_test_app" for e in entries)
         assert all(0 < int(e["events"]) < 400 for e in entries)  # type: ignore[call-overload]
         assert "Traceback" not in server.log()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_one_trace_per_chat_turn_under_gevent(tmp_path: Path) -> None:
+    spans_path = tmp_path / "spans.jsonl"
+    with start_gunicorn(
+        tmp_path, "tests.signal_app:otel_app()", env={"CHATKIT_TEST_SPANS": str(spans_path)}
+    ) as server:
+        alice = logged_in_session(server.url, "alice")
+        reply = alice.post(f"{server.url}/chatkit", json=create_request("words=3"), timeout=30)
+        assert reply.status_code == 200 and b"thread.item.done" in reply.content
+        alice.close()
+        deadline = time.monotonic() + 10
+        while not any(s["name"] == "POST /chatkit" for s in read_log(spans_path)):
+            assert time.monotonic() < deadline, read_log(spans_path)
+            time.sleep(0.1)
+    spans = {str(s["name"]): s for s in read_log(spans_path)}
+    server_span, chatkit, user = (
+        spans["POST /chatkit"], spans["chatkit threads.create"], spans["user-work"]
+    )
+    assert chatkit["parent"] == server_span["id"]
+    assert user["parent"] == chatkit["id"]  # the app's own span, created inside respond
+    assert user["trace"] == chatkit["trace"] == server_span["trace"]
+    attributes = chatkit["attributes"]
+    assert isinstance(attributes, dict) and attributes["chatkit.outcome"] == "finished"

@@ -21,20 +21,15 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from opentelemetry.util._once import Once
 
+from flask_chatkit import SQLAlchemyStore
 from flask_chatkit.telemetry import TimedStore
+from flask_chatkit.testing import ChatKitClient
 
-from .apps import ScriptedServer, create_test_app
+from .apps import create_test_app
 from .gunicorn import ROOT
 from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
-
-
-class SpanningServer(ScriptedServer):
-    """Creates a span of its own inside ``respond``, as an app would around an API call."""
-
-    def before_reply(self, options: Any, input: Any, context: Any) -> None:
-        with trace.get_tracer("my-app").start_as_current_span("user-work"):
-            super().before_reply(options, input, context)
+from .signal_app import SpanningServer
 
 
 class Otel:
@@ -237,3 +232,26 @@ def test_installed_but_unconfigured_opentelemetry_stays_off(
     app = create_test_app(store=store, instance_path=str(tmp_path / "i"))
     assert app.extensions["chatkit"].telemetry is None
     assert not isinstance(app.extensions["chatkit"].server.store, TimedStore)
+
+
+def test_sql_store_is_timed_and_stays_the_apps_store(otel: Otel, tmp_path: Any) -> None:
+    app = create_test_app(
+        store=None,
+        instance_path=str(tmp_path / "i"),
+        CHATKIT_DATABASE_URL=f"sqlite:///{tmp_path / 'db.sqlite3'}",
+    )
+    state = app.extensions["chatkit"]
+    assert isinstance(state.store, SQLAlchemyStore)  # what the CLI and Alembic work with
+    assert isinstance(state.server.store, TimedStore) and state.server.store.inner is state.store
+    client = app.test_client()
+    client.post("/login/alice")
+    kit = ChatKitClient(client)
+    events = kit.create_thread("words=2")
+    thread_id = next(e.thread.id for e in events if e.type == "thread.created")
+    kit.add_user_message(thread_id, "words=1")
+    assert [item.type for item in kit.list_items(thread_id).data] == [
+        "user_message", "assistant_message", "user_message", "assistant_message"]
+    store_ops = {p.attributes["chatkit.store.operation"]: p for p in otel.points(
+        "chatkit.store.duration")}
+    assert {"load_thread", "save_thread", "add_thread_item", "load_thread_items"} <= set(store_ops)
+    assert all(0 < p.sum < 10 for p in store_ops.values())
