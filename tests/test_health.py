@@ -136,3 +136,18 @@ def test_postgres_stopped_then_restarted(tmp_path: Path, private_pg_cluster: Any
     while (status := client.get("/chatkit/health").status_code) != 200:
         assert time.monotonic() < deadline, status
         time.sleep(0.2)
+
+
+class UnbuildableStorage(FileAttachmentStore):
+    @property
+    def storage(self) -> Any:
+        raise RuntimeError("no credentials for the bucket")
+
+
+def test_a_storage_that_cannot_be_built_is_named(tmp_path: Path) -> None:
+    from .memory_store import MemoryStore
+
+    app = Flask("health_unbuildable", instance_path=str(tmp_path))
+    ChatKit(app, ScriptedServer, store=MemoryStore(), attachment_store=UnbuildableStorage())
+    checks = assert_unavailable(app.test_client().get("/chatkit/health"), "attachments")
+    assert checks == {"event_loop": "ok", "attachments": "unavailable"}

@@ -49,9 +49,12 @@ def health_view() -> Response:
         logger.warning("health: the ChatKit event loop did not answer in %ss", LOOP_TIMEOUT)
         checks["event_loop"] = "timeout"
     if checks["event_loop"] == "ok" and probes:
-        results = state.loop_thread.run(
-            lambda: _run_probes(probes), context, timeout=CHECK_TIMEOUT + LOOP_TIMEOUT
-        )
+        try:
+            results = state.loop_thread.run(
+                lambda: _run_probes(probes), context, timeout=CHECK_TIMEOUT + LOOP_TIMEOUT
+            )
+        except TimeoutError:  # the loop stalled after answering the no-op
+            results = dict.fromkeys(probes, "timeout")
         checks.update(results)
     else:
         checks.update(dict.fromkeys(probes, "skipped"))
@@ -80,7 +83,12 @@ def _probes(state: ChatKitState) -> dict[str, Callable[[], Awaitable[None]]]:
     if callable(ping):
         probes["database"] = ping
     # Resolved here, in the request: the default storage depends on the app's settings.
-    storage = getattr(state.attachment_store, "storage", None)
+    try:
+        storage = getattr(state.attachment_store, "storage", None)
+    except Exception as exc:  # a storage that cannot even be built is unreachable
+        logger.warning("health: attachment storage unavailable: %s", exc)
+        probes["attachments"] = _failing(exc)
+        return probes
     if storage is not None:
         check = getattr(storage, "check", None)
         if not callable(check):
@@ -90,6 +98,13 @@ def _probes(state: ChatKitState) -> dict[str, Callable[[], Awaitable[None]]]:
 
         probes["attachments"] = lambda: asyncio.to_thread(check)
     return probes
+
+
+def _failing(exc: Exception) -> Callable[[], Awaitable[None]]:
+    async def probe() -> None:
+        raise exc
+
+    return probe
 
 
 async def _run_probes(probes: dict[str, Callable[[], Awaitable[None]]]) -> dict[str, str]:
