@@ -288,3 +288,21 @@ def test_plan_reads_gunicorns_default_grace_period(tmp_path: Path) -> None:
     assert "does not fit" not in log
     assert not [e for e in reader.events if e.get("type") == "error"]
     assert any(e.get("update", {}).get("type") == DELTA for e in reader.events)
+
+
+@pytest.mark.timeout(60)
+def test_quick_shutdown_cancels_at_once_and_saves(tmp_path: Path) -> None:
+    """SIGINT on the master sends the workers SIGQUIT: they exit at once, streams saved."""
+    with _server(tmp_path, "gevent") as server:
+        cookie = _login_cookie(server)
+        longs = [_open_stream(server, cookie, LONG) for _ in range(3)]
+        server.proc.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        ends = [round(t - stopped, 2) for t in _ends(longs)]
+        assert all(t < 1.0 for t in ends), ends
+        server.proc.wait(timeout=GRACE + 5)
+        assert "cancelled 3 open streams 0.00 s after the stop" in server.log(), server.log()
+    for reader in longs:
+        _assert_cancelled_and_saved(
+            _stored_items(_db_url(tmp_path), str(reader.thread_id())), reader.deltas()
+        )
