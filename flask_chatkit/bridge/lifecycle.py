@@ -124,7 +124,7 @@ class WorkerLifecycle:
         self._watching = False
         self._pid: int | None = None
         self._worker: Any = None
-        self._plan: StopPlan | None = None
+        self._graceful_timeout = 0.0
         self._cancel_handle: asyncio.TimerHandle | None = None
         self._cancel_at: float | None = None
         self._cancelling: asyncio.Task[None] | None = None
@@ -132,7 +132,10 @@ class WorkerLifecycle:
     @property
     def plan(self) -> StopPlan | None:
         """This worker's plan, or None outside a gunicorn worker."""
-        return self._plan if self._pid == os.getpid() else None
+        if self._pid != os.getpid():
+            return None
+        # Built when asked: an app initialised later may bring a longer cancel timeout.
+        return StopPlan(self._graceful_timeout, self._cancel_timeout)
 
     def watch(self, cancel_timeout: float) -> None:
         """Called by ``init_app``: the longest CHATKIT_CANCEL_TIMEOUT of the process wins."""
@@ -153,8 +156,8 @@ class WorkerLifecycle:
             return  # not (yet) in a worker: e.g. --preload loads the app in the master
         self._pid, self._worker = pid, worker
         self._cancel_handle = self._cancel_at = self._cancelling = None
-        plan = StopPlan(float(worker.cfg.graceful_timeout), self._cancel_timeout)
-        self._plan = plan
+        self._graceful_timeout = float(worker.cfg.graceful_timeout)
+        plan = StopPlan(self._graceful_timeout, self._cancel_timeout)
         for signum in (signal.SIGTERM, *_QUICK_STOP):
             self._wrap_handler(signum)
         if plan.fits:
@@ -204,7 +207,7 @@ class WorkerLifecycle:
             asyncio.get_running_loop().call_later(POLL_INTERVAL, self._poll_alive)
 
     def _stop_began(self, at: float, quick: bool, signum: int | None) -> None:
-        plan = self._plan
+        plan = self.plan
         if plan is None:
             return
         cancel_at = at if quick else at + plan.cancel_after
