@@ -9,6 +9,7 @@ from chatkit.server import ChatKitServer
 from chatkit.store import AttachmentStore, Store
 from flask import Flask
 
+from .bridge.lifecycle import WorkerLifecycle
 from .bridge.loop import LoopThread
 from .config import read_settings
 from .context import ContextLoader
@@ -18,6 +19,8 @@ from .web.observe import load_telemetry
 
 # One asyncio loop per worker process, shared by every app in it.
 _LOOP_THREAD = LoopThread()
+# Under gunicorn, a stopping worker cancels (and so saves) its open streams in time.
+_LIFECYCLE = WorkerLifecycle(_LOOP_THREAD)
 
 
 class ChatKit:
@@ -59,6 +62,7 @@ class ChatKit:
             raise RuntimeError("flask-chatkit is already registered on this app.")
         self._check_server_cls()
         settings = read_settings(app)
+        _LIFECYCLE.watch(settings.cancel_timeout)
         server, store, attachment_store = self._build_server(app, settings.database_url)
         telemetry = load_telemetry(settings)  # None unless OpenTelemetry is configured
         if telemetry is not None:  # ChatKit's store calls get timed
