@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
 import socket
 import struct
 import time
@@ -108,3 +109,30 @@ def test_one_trace_per_chat_turn_under_gevent(tmp_path: Path) -> None:
     assert user["trace"] == chatkit["trace"] == server_span["trace"]
     attributes = chatkit["attributes"]
     assert isinstance(attributes, dict) and attributes["chatkit.outcome"] == "finished"
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_reply_cancelled_by_a_stopping_worker(tmp_path: Path) -> None:
+    """SIGTERM to the master: the worker cancels the open reply (bridge/lifecycle.py) while
+    the client is still reading; the receiver hears stream_cancelled."""
+    log_path = tmp_path / "signals.jsonl"
+    env = {"CHATKIT_TEST_SIGNAL_LOG": str(log_path), "CHATKIT_CANCEL_TIMEOUT": "1"}
+    with start_gunicorn(tmp_path, "tests.signal_app:gunicorn_app()", env=env) as server:
+        alice = logged_in_session(server.url, "alice")
+        sock = raw_stream_request(
+            server.url, cookie_header(alice), create_request("words=2000 delay=0.01")
+        )
+        alice.close()
+        try:
+            read_until(sock, b"text_delta")
+            server.proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 20
+            while not read_log(log_path):
+                assert time.monotonic() < deadline, server.log()[-2000:]
+                time.sleep(0.1)
+        finally:
+            sock.close()
+    (entry,) = read_log(log_path)
+    assert entry["signal"] == "stream_cancelled" and entry["user"] == "alice"
+    assert 0 < int(entry["events"]) < 2000  # type: ignore[call-overload]
