@@ -240,3 +240,18 @@ def test_attachment_upload_is_seen_by_the_server(page: Any, server: str, tmp_pat
     chips = p.locator("#messages .message.user .attachment")
     expect(chips).to_have_text(["notes.txt (text/plain)"])
     p.screenshot(path=str(tmp_path / "console-attachment.png"))
+
+
+def test_sign_out_is_a_post_with_the_token(page: Any, server: str) -> None:
+    """Last in this module: it signs the shared page out."""
+    p = page
+    # What a cross-site link or <img src> would do: no sign-out.
+    response = p.goto(server + "/logout")
+    assert response is not None and response.status == 405
+    p.goto(server + "/")
+    expect(p.get_by_test_id("signed-in-as")).to_contain_text("alice")
+    # The page's own Sign out button posts the form with its CSRF token.
+    p.click("#logout")
+    expect(p).to_have_url(server + "/login")
+    p.goto(server + "/")
+    expect(p).to_have_url(server + "/login?next=%2F")
