@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from datetime import datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from chatkit.store import NotFoundError, Store
+from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
 from chatkit.types import Attachment, Page, SDKHiddenContextItem, ThreadItem, ThreadMetadata
 from pydantic import TypeAdapter
 from sqlalchemy import (
@@ -25,29 +27,48 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
-    insert,
     select,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from ..bridge.native import NativeThreadPool, native_lock
 from .schema import (
     build_engine,
     build_tables,
     db_time,
-    dialect_insert,
     engine_pool_capacity,
+    insert_new,
     is_sqlite_memory,
     keyset_page,
     upsert,
 )
 
-__all__ = ["SQLAlchemyStore", "default_owner"]
+__all__ = ["DuplicateIdError", "SQLAlchemyStore", "default_owner"]
 
 T = TypeVar("T")
 _THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _CHUNK = 500
+ID_RANDOM_BYTES = 16  # 128 random bits per id (the SDK's ids carry 32)
+_FRESH_IDS_KEPT = 10_000  # generated thread ids not yet written (bounded)
+
+
+class DuplicateIdError(Exception):
+    """A thread or item was inserted with an id its owner (thread) already has.
+
+    Raised instead of overwriting the existing row or silently dropping the new
+    one; the transaction is rolled back, so nothing of the insert is kept.
+    """
+
+
+def _random_hex() -> str:
+    return secrets.token_hex(ID_RANDOM_BYTES)
+
+
+@cache
+def _id_prefix(kind: StoreItemType) -> str:
+    # The SDK's own prefix for this kind ("thr", "msg", ...), without naming its private table.
+    return default_generate_id(kind).rpartition("_")[0]
 
 
 @lru_cache(maxsize=1)
@@ -121,6 +142,9 @@ class SQLAlchemyStore(Store[Any]):
         self.items = tables.items
         self.attachments = tables.attachments
         self.dialect = self.engine.dialect.name
+        # Thread ids this store generated and has not written yet: their first
+        # save_thread is the creation, an insert that must not meet an existing row.
+        self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -177,6 +201,30 @@ class SQLAlchemyStore(Store[Any]):
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()
 
+    # -- ids ----------------------------------------------------------------------
+    def generate_thread_id(self, context: Any) -> str:
+        """``thr_`` + 32 hex digits (128 random bits; the SDK's default has 32 bits)."""
+        thread_id = f"{_id_prefix('thread')}_{_random_hex()}"
+        fresh = self._fresh_thread_ids
+        fresh[thread_id] = None
+        while len(fresh) > _FRESH_IDS_KEPT:  # generated but never saved: forget the oldest
+            fresh.popitem(last=False)
+        return thread_id
+
+    def generate_item_id(
+        self, item_type: StoreItemType, thread: ThreadMetadata, context: Any
+    ) -> str:
+        """The SDK's prefix for ``item_type`` + 32 hex digits (128 random bits)."""
+        return f"{_id_prefix(item_type)}_{_random_hex()}"
+
+    def _is_creation(self, thread_id: str) -> bool:
+        """Whether this write of ``thread_id`` creates it (first save of a generated id)."""
+        try:
+            del self._fresh_thread_ids[thread_id]
+        except KeyError:
+            return False
+        return True
+
     # -- sync implementations (run on the pool) ------------------------------
     def _ping(self) -> None:
         with self._tx() as conn:
@@ -201,9 +249,18 @@ class SQLAlchemyStore(Store[Any]):
             "payload": _thread_payload(thread),
         }
 
-    def _save_thread(self, owner: str, thread: ThreadMetadata) -> None:
+    def _save_thread(self, owner: str, thread: ThreadMetadata, create: bool = False) -> None:
         with self._tx(write=True) as conn:
-            upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread))
+            if create:
+                self._insert_thread(conn, owner, thread)
+            else:
+                upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread))
+
+    def _insert_thread(self, conn: Connection, owner: str, thread: ThreadMetadata) -> None:
+        # A new thread never takes over an existing one of its owner (its title, its
+        # items). Another owner's thread with the same id is another row, untouched.
+        if not insert_new(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread)):
+            raise DuplicateIdError(f"Thread {thread.id} already exists")
 
     def _load_threads(
         self, owner: str, limit: int, after: str | None, order: str
@@ -238,19 +295,14 @@ class SQLAlchemyStore(Store[Any]):
         self, owner: str, thread_id: str, item: ThreadItem, new_thread: ThreadMetadata | None = None
     ) -> None:
         values = self._item_values(owner, thread_id, item)
-        stmt = dialect_insert(self.dialect, self.items)
         with self._tx(write=True) as conn:
             if new_thread is not None:
-                upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, new_thread))
-            if stmt is not None:
-                conn.execute(
-                    stmt.values(**values).on_conflict_do_nothing(
-                        index_elements=["owner", "thread_id", "id"]
-                    )
-                )
-                return
-            with contextlib.suppress(IntegrityError), conn.begin_nested():
-                conn.execute(insert(self.items).values(**values))
+                self._insert_thread(conn, owner, new_thread)
+            # Never an overwrite, never a silent drop: the SDK only adds new items,
+            # so an id the thread already holds is a clash. Items of other threads
+            # and owners with the same id are other rows, untouched.
+            if not insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
+                raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
 
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
@@ -340,14 +392,14 @@ class SQLAlchemyStore(Store[Any]):
         owner = self.owner_key(context)
         pending = _new_thread.get()
         if pending is not None and (pending.armed or pending.get(owner, thread.id)):
-            if pending.armed:
-                # Still touch the database now: an outage must fail the request
-                # with a 503 before its stream starts, not after thread.created.
-                await self._run(self._ping)
+            # Held until its first item. No database round trip here: the view holds
+            # thread.created until that write, so an outage still fails the request
+            # with a plain HTTP error before any byte of the stream is sent.
             pending.armed = False
+            self._is_creation(thread.id)  # written by an insert with its first item
             pending.threads[thread.id] = (owner, thread.model_copy(deep=True))
             return
-        await self._run(self._save_thread, owner, thread)
+        await self._run(self._save_thread, owner, thread, self._is_creation(thread.id))
 
     async def load_thread_items(
         self, thread_id: str, after: str | None, limit: int, order: str, context: Any
