@@ -12,6 +12,7 @@ import asyncio
 import contextvars
 import json
 import re
+import time
 from collections.abc import Coroutine, Iterator
 from datetime import datetime
 from pathlib import Path
@@ -19,6 +20,7 @@ from types import SimpleNamespace
 from typing import Any, TypeVar, get_args
 
 import pytest
+import sqlalchemy as sa
 from chatkit.store import StoreItemType, default_generate_id
 from chatkit.types import AssistantMessageContent, AssistantMessageItem, ThreadMetadata
 
@@ -184,3 +186,33 @@ def test_threads_create_with_a_clashing_id_fails_and_hijacks_nothing(tmp_path: P
     assert items[0]["content"][0]["text"] == "mine words=1"
     listed = client.post("/chatkit", json={"type": "threads.list", "params": {}}).get_json()
     assert [t["id"] for t in listed["data"]] == [tid]
+
+
+def test_re_adding_an_item_whose_add_was_cancelled_is_no_clash(store: SQLAlchemyStore) -> None:
+    """A cancel lands while an item is being written: the write still commits in its
+    worker thread, and ChatKit's handle_stream_cancelled adds its pending copy of
+    the same item. That must not fail (it would lose the "stream cancelled" note)."""
+    run(store.save_thread(ThreadMetadata(id="thr_1", created_at=T0), ALICE))
+
+    def slow_item_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO CHATKIT_ITEMS"):
+            time.sleep(0.3)
+
+    sa.event.listen(store.engine, "before_cursor_execute", slow_item_insert)
+
+    async def go() -> None:
+        done = msg("thr_1", "msg_1", "final")
+        task = asyncio.create_task(store.add_thread_item("thr_1", done, ALICE))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await store.add_thread_item("thr_1", msg("thr_1", "msg_1", "partial"), ALICE)
+        with pytest.raises(DuplicateIdError):  # any further add of that id is a clash
+            await store.add_thread_item("thr_1", msg("thr_1", "msg_1", "again"), ALICE)
+
+    try:
+        run(go())
+    finally:
+        sa.event.remove(store.engine, "before_cursor_execute", slow_item_insert)
+    assert len(texts(store, "thr_1", ALICE)) == 1

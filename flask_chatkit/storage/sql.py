@@ -8,6 +8,7 @@ methods run their blocking SQLAlchemy work on native OS threads (see
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import secrets
@@ -52,7 +53,7 @@ T = TypeVar("T")
 _THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _CHUNK = 500
 ID_RANDOM_BYTES = 16  # 128 random bits per id (the SDK's ids carry 32)
-_FRESH_IDS_KEPT = 10_000  # generated thread ids not yet written (bounded)
+_FRESH_IDS_KEPT = 10_000  # bound of the id bookkeeping below (generated, cancelled)
 
 
 class DuplicateIdError(Exception):
@@ -148,6 +149,8 @@ class SQLAlchemyStore(Store[Any]):
         # Thread ids this store generated and has not written yet: their first
         # save_thread is the creation, an insert that must not meet an existing row.
         self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
+        # (owner, thread, item) of item inserts whose caller was cancelled mid-write.
+        self._cancelled_adds: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -455,12 +458,34 @@ class SQLAlchemyStore(Store[Any]):
         pending = _new_thread.get()
         held = pending.get(owner, thread_id) if pending is not None else None
         if pending is None or held is None:
-            await self._run(self._add_thread_item, owner, thread_id, item)
+            await self._insert_item(owner, thread_id, item)
             return
         if isinstance(item, SDKHiddenContextItem):
             return  # cancelled before the user message: the empty thread is never written
-        await self._run(self._add_thread_item, owner, thread_id, item, held)
+        await self._insert_item(owner, thread_id, item, held)
         pending.threads.pop(thread_id, None)
+
+    async def _insert_item(
+        self, owner: str, thread_id: str, item: ThreadItem, held: ThreadMetadata | None = None
+    ) -> None:
+        key = (owner, thread_id, item.id)
+        try:
+            await self._run(self._add_thread_item, owner, thread_id, item, held)
+        except asyncio.CancelledError:
+            # The write goes on in its worker thread and may commit, while ChatKit,
+            # seeing the cancel, adds the same item again (as a pending one in
+            # handle_stream_cancelled). That second add is no clash: remember it.
+            cancelled = self._cancelled_adds
+            cancelled[key] = None
+            while len(cancelled) > _FRESH_IDS_KEPT:
+                cancelled.popitem(last=False)
+            raise
+        except DuplicateIdError:
+            if key not in self._cancelled_adds:
+                raise
+            del self._cancelled_adds[key]  # the cancelled add got there first: keep it
+            return
+        self._cancelled_adds.pop(key, None)
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         pending = _new_thread.get()
