@@ -39,6 +39,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import QueuePool, StaticPool
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "db_time",
     "dialect_insert",
     "engine_pool_capacity",
+    "insert_new",
     "keyset_page",
     "upsert",
 ]
@@ -224,6 +226,24 @@ def upsert(conn: Connection, table: Table, keys: Sequence[str], values: dict[str
     where = and_(*(table.c[k] == values[k] for k in keys))
     if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
         conn.execute(insert(table).values(**values))
+
+
+def insert_new(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> bool:
+    """Insert ``values`` unless a row with the same ``keys`` exists; False if one did.
+
+    The existing row is left as it is. Racing inserts of one key: exactly one wins.
+    """
+    stmt = dialect_insert(conn.dialect.name, table)
+    if stmt is not None:
+        # RETURNING, not rowcount: with implicit RETURNING psycopg reports rowcount -1.
+        stmt = stmt.values(**values).on_conflict_do_nothing(index_elements=list(keys))
+        return conn.execute(stmt.returning(table.c[keys[-1]])).first() is not None
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**values))
+    except IntegrityError:
+        return False
+    return True
 
 
 def keyset_page(

@@ -33,6 +33,7 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .new_thread import hold_until_stored
 from .observe import RequestObserver, count_error_response
 from .peek import request_body
 from .protocol import (
@@ -169,9 +170,11 @@ def run_chatkit_request(
         return Response(result.json, mimetype="application/json")
 
     settings = state.settings
+    # A new thread's id goes out only once the thread can be read (see new_thread.py).
+    source = hold_until_stored(result) if isinstance(parsed, ThreadsCreateReq) else result
     stream = Stream(
         state.loop_thread,
-        result,
+        source,
         ctx,
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
