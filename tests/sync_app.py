@@ -7,8 +7,9 @@ picks what ``respond`` does (``key=value`` words, see :class:`SyncServer`):
 ``op=work``                   one sync call: ``block=sleep:S`` / ``block=socket:PORT``,
                               ``ctx=1`` (report current_user/g/request), ``db=1`` (insert
                               a Note, count the user's notes), ``fail=1`` (raise);
-                              ``mode=helper`` (sync_to_async, default) or ``mode=direct``
-                              (called on the loop: the control)
+                              ``mode=helper`` (sync_to_async, default), ``mode=direct``
+                              (called on the loop: the control) or ``mode=asgiref``
+                              (asgiref's own default, ``thread_sensitive=True``)
 ``op=iter n=N delay=S``       a sync generator through sync_to_async_iter, ``time.sleep``
                               between words; ``hang_at=K hang=S`` blocks before word K;
                               ``marker=NAME`` makes its ``finally`` write
@@ -29,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import asgiref.sync
 from chatkit.types import (
     AssistantMessageContent,
     AssistantMessageContentPartTextDelta,
@@ -144,6 +146,8 @@ class SyncServer(ScriptedServer):
             else:
                 if options.get("mode") == "direct":
                     text = sync_work(options)  # the mistake the helper exists for
+                elif options.get("mode") == "asgiref":  # asgiref's default, measured
+                    text = await asgiref.sync.sync_to_async(sync_work)(options)
                 else:
                     text = await sync_to_async(sync_work)(options)
                 parts.append(text)
