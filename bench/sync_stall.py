@@ -1,12 +1,15 @@
 """``python -m bench.sync_stall``: what a blocking call in one ``respond`` costs its neighbours.
 
-A neighbour stream sends 13 deltas 0.2 s apart. 0.4 s in, another stream's
+A neighbour stream sends 16 deltas 0.2 s apart. Once they flow, another stream's
 ``respond`` makes a 2 s blocking call (``time.sleep``), made three ways:
 
 * ``on the loop``      called directly inside ``respond`` (what a newcomer writes);
 * ``sync_to_async``    through ``flask_chatkit.sync_to_async``;
 * ``asgiref default``  through ``asgiref.sync.sync_to_async`` as shipped
                        (``thread_sensitive=True``).
+
+and then 2 s of CPU-bound work (a busy loop, which never yields to gevent)
+through ``sync_to_async`` and through ``asyncio.to_thread``.
 
 Per worker class (``-k gevent``, ``-k gthread --threads 8``; one worker each,
 the app of ``tests/sync_app.py``), printed: the stall added to the neighbour
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import json
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +41,15 @@ WORKERS = {
     "gevent": ["--graceful-timeout", "1"],
     "gthread": ["--threads", "8", "--graceful-timeout", "1"],
 }
-VARIANTS = {"on the loop": "direct", "sync_to_async": "helper", "asgiref default": "asgiref"}
-NEIGHBOUR_WORDS, NEIGHBOUR_DELAY = 13, 0.2
+# (label, what blocks, how respond calls it); "cpu" cases skip the concurrency column.
+CASES = [
+    ("sleep on the loop", "sleep", "direct"),
+    ("sleep via sync_to_async", "sleep", "helper"),
+    ("sleep via asgiref default", "sleep", "asgiref"),
+    ("CPU via sync_to_async", "cpu", "helper"),
+    ("CPU via asyncio.to_thread", "cpu", "to_thread"),
+]
+NEIGHBOUR_WORDS, NEIGHBOUR_DELAY = 16, 0.2  # 3 s: the 2 s call falls inside it
 TIMEOUT = 12.0  # per request: a hung call is reported as such
 UPDATED = "thread.item.updated"
 
@@ -63,18 +75,33 @@ def reply_text(events: list[tuple[float, dict[str, Any]]]) -> str:
 
 
 def neighbour_stall(url: str, blocker: str) -> Stall:
-    """Stream a neighbour, start ``blocker`` 0.4 s in, measure the neighbour's worst gap."""
+    """Stream a neighbour; once its deltas flow, start ``blocker``; measure the worst gap."""
     neighbour_session = logged_in_session(url, "nina")
     blocker_session = logged_in_session(url, "bert")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        neighbour = pool.submit(
-            stream, neighbour_session, url, f"words={NEIGHBOUR_WORDS} delay={NEIGHBOUR_DELAY}"
+    stream(neighbour_session, url, "words=1")  # warm up: first-request costs are not a stall
+    flowing = threading.Event()
+
+    def neighbour() -> list[tuple[float, dict[str, Any]]]:
+        text = f"words={NEIGHBOUR_WORDS} delay={NEIGHBOUR_DELAY}"
+        response = neighbour_session.post(
+            f"{url}/chatkit", json=create_request(text), stream=True, timeout=TIMEOUT
         )
-        time.sleep(0.4)  # the neighbour is streaming when the blocking call starts
+        events = []
+        for line in response.iter_lines():
+            if line.startswith(b"data: "):
+                events.append((time.monotonic(), json.loads(line[6:])))
+                if sum(e["type"] == UPDATED for _, e in events) == 2:
+                    flowing.set()
+        return events
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        neighbour_events = pool.submit(neighbour)
+        if not flowing.wait(TIMEOUT):
+            raise RuntimeError("the neighbour stream never started")
         started = time.monotonic()
         blocked = pool.submit(stream, blocker_session, url, blocker)
-        neighbour_events, blocker_events = neighbour.result(), blocked.result()
-    times = [t for t, e in neighbour_events if e["type"] == UPDATED]
+        times = [t for t, e in neighbour_events.result() if e["type"] == UPDATED]
+        blocker_events = blocked.result()
     if len(times) != NEIGHBOUR_WORDS:
         raise RuntimeError(f"the neighbour sent {len(times)} of {NEIGHBOUR_WORDS} deltas")
     worst = max(b - a for a, b in itertools.pairwise(times))
@@ -104,7 +131,7 @@ def _cell(fn: Any) -> str:
         return f"failed: {type(exc).__name__}: {str(exc)[:80]}"
 
 
-def measure(worker_class: str, mode: str) -> tuple[str, str]:
+def measure(worker_class: str, block: str, mode: str) -> tuple[str, str]:
     """(stall cell, concurrency cell) on a fresh server: a hung call must not taint the next."""
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = Path(tmp_dir)
@@ -118,26 +145,26 @@ def measure(worker_class: str, mode: str) -> tuple[str, str]:
         ) as server:
 
             def stall() -> str:
-                result = neighbour_stall(server.url, f"op=work block=sleep:2 mode={mode}")
+                result = neighbour_stall(server.url, f"op=work block={block}:2 mode={mode}")
                 return f"{result.stall * 1000:.0f} ms (reply in {result.took:.2f} s)"
 
             def together() -> str:
                 return f"{concurrent_calls(server.url, mode):.2f} s"
 
-            return _cell(stall), _cell(together)
+            return _cell(stall), "—" if block == "cpu" else _cell(together)
 
 
 def run() -> list[list[str]]:
     """One row per (worker class, variant)."""
     rows = []
     for worker_class in WORKERS:
-        for label, mode in VARIANTS.items():
-            rows.append([f"-k {worker_class}", label, *measure(worker_class, mode)])
+        for label, block, mode in CASES:
+            rows.append([f"-k {worker_class}", label, *measure(worker_class, block, mode)])
     return rows
 
 
 def format_table(rows: list[list[str]]) -> str:
-    headers = ["worker", "2 s blocking call made", "stall added to a neighbour", "3 x 1 s at once"]
+    headers = ["worker", "2 s of blocking work", "stall added to a neighbour", "3 x 1 s at once"]
     out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)

@@ -4,12 +4,14 @@
 picks what ``respond`` does (``key=value`` words, see :class:`SyncServer`):
 
 ``words=N delay=S``           the plain word stream (a neighbour stream)
-``op=work``                   one sync call: ``block=sleep:S`` / ``block=socket:PORT``,
+``op=work``                   one sync call: ``block=sleep:S`` / ``block=socket:PORT`` /
+                              ``block=cpu:S`` (busy loop),
                               ``ctx=1`` (report current_user/g/request), ``db=1`` (insert
                               a Note, count the user's notes), ``fail=1`` (raise);
                               ``mode=helper`` (sync_to_async, default), ``mode=direct``
                               (called on the loop: the control) or ``mode=asgiref``
-                              (asgiref's own default, ``thread_sensitive=True``)
+                              (asgiref's own default, ``thread_sensitive=True``) or
+                              ``mode=to_thread`` (``asyncio.to_thread``)
 ``op=iter n=N delay=S``       a sync generator through sync_to_async_iter, ``time.sleep``
                               between words; ``hang_at=K hang=S`` blocks before word K;
                               ``marker=NAME`` makes its ``finally`` write
@@ -85,6 +87,11 @@ def sync_work(options: dict[str, str]) -> str:
     if kind == "sleep":
         time.sleep(float(arg))
         done.append(f"slept={arg}")
+    elif kind == "cpu":  # busy, never yields: holds whichever thread or hub runs it
+        deadline = time.monotonic() + float(arg)
+        while time.monotonic() < deadline:
+            pass
+        done.append(f"computed={arg}")
     elif kind == "socket":
         done.append(f"socket={blocking_socket_call(int(arg)).decode()}")
     if options.get("fail") == "1":
@@ -148,6 +155,8 @@ class SyncServer(ScriptedServer):
                     text = sync_work(options)  # the mistake the helper exists for
                 elif options.get("mode") == "asgiref":  # asgiref's default, measured
                     text = await asgiref.sync.sync_to_async(sync_work)(options)
+                elif options.get("mode") == "to_thread":  # the loop's native executor
+                    text = await asyncio.to_thread(sync_work, options)
                 else:
                     text = await sync_to_async(sync_work)(options)
                 parts.append(text)
