@@ -333,3 +333,28 @@ def test_exception_in_func_is_an_error_event(sync_app: Flask) -> None:
     events = alice.create_thread("op=work fail=1")
     assert any(isinstance(e, ErrorEvent) for e in events)
     assert reply_text(alice.create_thread("op=work ctx=1")).startswith("user=alice")
+
+
+def test_cancel_during_aclose_closes_once(caplog: pytest.LogCaptureFixture) -> None:
+    finals: list[float] = []
+
+    def slow_cleanup() -> Iterator[int]:
+        try:
+            yield from range(100)
+        finally:
+            time.sleep(0.3)
+            finals.append(time.monotonic())
+
+    async def main() -> None:
+        stream = sync_to_async_iter(slow_cleanup())
+        await stream.__anext__()
+        closing = asyncio.ensure_future(stream.aclose())
+        await asyncio.sleep(0.1)  # the generator's finally is running now
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        await asyncio.sleep(0.5)
+
+    asyncio.run(main())
+    assert len(finals) == 1
+    assert "closing a sync iterator failed" not in caplog.text

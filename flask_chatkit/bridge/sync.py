@@ -113,6 +113,7 @@ class _Lane(Generic[T]):
         self._running = False
         self._stopping = False  # the consumer has gone: no more next()
         self._close_claimed = False
+        self._close_started = False
         self._greenlet: Any = None  # the greenlet inside next(), under gevent
 
     def step(self) -> T:
@@ -163,7 +164,15 @@ class _Lane(Generic[T]):
         return True
 
     def close(self) -> None:
-        """Close the iterator: GeneratorExit at a generator's ``yield``, its ``finally`` runs."""
+        """Close the iterator: GeneratorExit at a generator's ``yield``, its ``finally`` runs.
+
+        Runs once: a close scheduled again (its awaiting task was cancelled
+        meanwhile) must not re-enter a generator that is still closing.
+        """
+        with self._lock:
+            if self._close_started:
+                return
+            self._close_started = True
         closer = getattr(self._iterator, "close", None)
         if closer is None:
             return
