@@ -163,9 +163,11 @@ def run() -> list[list[str]]:
     return rows
 
 
+HEADERS = ["worker", "2 s of blocking work", "stall added to a neighbour", "3 x 1 s at once"]
+
+
 def format_table(rows: list[list[str]]) -> str:
-    headers = ["worker", "2 s of blocking work", "stall added to a neighbour", "3 x 1 s at once"]
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out = ["| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     out += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(out)
 
