@@ -51,7 +51,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_blueprint(*, console: bool = False) -> Blueprint:
-    bp = Blueprint("chatkit", __name__, static_folder="static", static_url_path="/static")
+    # No static folder: the console page is read by its own view, so nothing of
+    # it is served (not even <prefix>/static/console.html) while it is off.
+    bp = Blueprint("chatkit", __name__)
     # Every method reaches the view so a wrong one gets the JSON 405, not HTML.
     bp.add_url_rule("", "endpoint", chatkit_endpoint, methods=ALL_METHODS, strict_slashes=False)
     from .uploads import register_attachment_routes
