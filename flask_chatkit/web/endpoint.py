@@ -33,9 +33,11 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .preconditions import check_implemented, check_items_exist, check_sdk_preconditions
 from .protocol import (
     clamp_page_limit,
     iter_owned_refs_checks,
+    limit_item_ids,
     owned_refs,
     parse_request,
     process_parsed,
@@ -131,7 +133,7 @@ def chatkit_endpoint() -> Response:
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
     parsed = parse_request(body)
-    if clamp_page_limit(parsed, settings.max_page_size):
+    if clamp_page_limit(parsed, settings.max_page_size) | limit_item_ids(parsed):
         body = serialize_request(parsed)
     context = state.context_loader(request, parsed.metadata)
     state.ensure_schema()
@@ -148,8 +150,11 @@ def run_chatkit_request(
     if isinstance(parsed, ThreadsCreateReq) and callable(defer_new_thread):
         ctx.run(defer_new_thread)  # no empty thread if the first write fails
 
+    check_implemented(state.server, parsed)  # 501 before any store work
+
     async def start() -> Any:
         await verify_ownership(state.store, parsed, context)
+        await check_sdk_preconditions(state.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
@@ -187,9 +192,6 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
         try:
             if kind == "thread":
                 await store.load_thread(ref_id, context=context)
-            elif kind == "item":
-                assert refs.thread_id is not None
-                await store.load_item(refs.thread_id, ref_id, context=context)
             else:
                 attachment = await store.load_attachment(ref_id, context=context)
                 if must_be_uploaded and not is_uploaded(attachment):
@@ -198,3 +200,5 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
                     )
         except NotFoundError:
             raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None
+        if kind == "thread" and ref_id == refs.thread_id and refs.item_ids:
+            await check_items_exist(store, ref_id, refs.item_ids, context)

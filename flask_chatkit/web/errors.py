@@ -22,7 +22,9 @@ STATUS_CODES: dict[int, str] = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
     500: "internal_error",
+    501: "not_implemented",
     503: "service_unavailable",
 }
 

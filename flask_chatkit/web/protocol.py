@@ -19,6 +19,7 @@ from chatkit.logger import logger as sdk_logger
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
     ChatKitReq,
+    ItemsFeedbackReq,
     ItemsListReq,
     ThreadsListReq,
     UserMessageInput,
@@ -32,6 +33,9 @@ from .errors import bad_request
 logger = logging.getLogger("flask_chatkit")
 
 REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
+
+# Most item ids one request may name (items.feedback), after removing repeats.
+MAX_ITEM_IDS = 100
 
 # The SDK internals the fast path calls; checked once per server class.
 _FAST_PATH_HOOKS = ("_process_streaming", "_process_non_streaming")
@@ -96,6 +100,27 @@ def clamp_page_limit(request: ChatKitReq, max_page_size: int) -> bool:
     return False
 
 
+def limit_item_ids(request: ChatKitReq) -> bool:
+    """Drop repeated ``item_ids`` (first one kept); 400 past ``MAX_ITEM_IDS``. True when changed.
+
+    Every id is checked against the store before ChatKit runs: repeats would
+    only repeat the lookups, and an unbounded list would hold the pool.
+    """
+    if not isinstance(request, ItemsFeedbackReq):
+        return False
+    ids = request.params.item_ids
+    unique = list(dict.fromkeys(ids))
+    if len(unique) > MAX_ITEM_IDS:
+        raise bad_request(
+            f"'item_ids' names {len(unique)} items; at most {MAX_ITEM_IDS} are allowed.",
+            "invalid_request",
+        )
+    if len(unique) == len(ids):
+        return False
+    request.params.item_ids = unique
+    return True
+
+
 @dataclass(frozen=True)
 class OwnedRefs:
     """Ids a request names that must belong to the caller before ChatKit runs."""
@@ -126,13 +151,14 @@ def owned_refs(request: ChatKitReq) -> OwnedRefs:
 
 
 def iter_owned_refs_checks(refs: OwnedRefs) -> Iterator[tuple[str, str]]:
-    """(kind, id) pairs in the order the view verifies them."""
+    """(kind, id) pairs of threads and attachments, in the order the view verifies them.
+
+    Item ids are checked together, in one store call (``check_items_exist``).
+    """
     if refs.thread_id:
         yield "thread", refs.thread_id
     if refs.thread_after:
         yield "thread", refs.thread_after
-    for item_id in refs.item_ids:
-        yield "item", item_id
     for attachment_id in refs.attachment_ids:
         yield "attachment", attachment_id
 
