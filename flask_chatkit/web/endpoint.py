@@ -33,11 +33,12 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .json_limits import check_metadata_size
 from .preconditions import check_implemented, check_items_exist, check_sdk_preconditions
 from .protocol import (
     clamp_page_limit,
     iter_owned_refs_checks,
-    limit_item_ids,
+    limit_lists,
     owned_refs,
     parse_request,
     process_parsed,
@@ -133,9 +134,11 @@ def chatkit_endpoint() -> Response:
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
     parsed = parse_request(body)
-    if clamp_page_limit(parsed, settings.max_page_size) | limit_item_ids(parsed):
+    if clamp_page_limit(parsed, settings.max_page_size) | limit_lists(parsed):
         body = serialize_request(parsed)
+    check_metadata_size(parsed.metadata, settings.max_metadata_bytes)
     context = state.context_loader(request, parsed.metadata)
+    parsed.metadata = {}  # ChatKit never reads it: only the context keeps its copy
     state.ensure_schema()
     return run_chatkit_request(state, parsed, body, context)
 

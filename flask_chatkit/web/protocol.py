@@ -29,13 +29,17 @@ from chatkit.version import __version__ as sdk_version
 from pydantic import TypeAdapter, ValidationError
 
 from .errors import bad_request
+from .json_limits import check_json_shape
 
 logger = logging.getLogger("flask_chatkit")
 
 REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
 
-# Most item ids one request may name (items.feedback), after removing repeats.
+# Most item ids one request may name (items.feedback, after removing repeats)
+# and most attachments one message may carry: each is a store lookup.
 MAX_ITEM_IDS = 100
+# Most content parts in one user message (each becomes a model, stored and streamed back).
+MAX_CONTENT_PARTS = 100
 
 # The SDK internals the fast path calls; checked once per server class.
 _FAST_PATH_HOOKS = ("_process_streaming", "_process_non_streaming")
@@ -62,7 +66,11 @@ FAST_PATH_AVAILABLE = _sdk_process_unchanged()
 
 
 def parse_request(body: bytes) -> ChatKitReq:
-    """Validate a raw body into a ChatKit request, or raise a 400 with a useful message."""
+    """Validate a raw body into a ChatKit request, or raise a 400 with a useful message.
+
+    A body that would parse into too many values is a 413 before it is parsed.
+    """
+    check_json_shape(body)
     try:
         return REQUEST_ADAPTER.validate_json(body)
     except ValidationError as exc:
@@ -100,25 +108,35 @@ def clamp_page_limit(request: ChatKitReq, max_page_size: int) -> bool:
     return False
 
 
-def limit_item_ids(request: ChatKitReq) -> bool:
-    """Drop repeated ``item_ids`` (first one kept); 400 past ``MAX_ITEM_IDS``. True when changed.
+def limit_lists(request: ChatKitReq) -> bool:
+    """Bound the lists a request may name; True when the request was changed.
 
-    Every id is checked against the store before ChatKit runs: repeats would
-    only repeat the lookups, and an unbounded list would hold the pool.
+    ``items.feedback`` ids lose their repeats (first kept) and, like a message's
+    attachments, are capped at ``MAX_ITEM_IDS``: each one is checked against the
+    store before ChatKit runs. A message's content parts are capped at
+    ``MAX_CONTENT_PARTS``. Past a cap: 400.
     """
+    params: Any = getattr(request, "params", None)
+    user_input = getattr(params, "input", None)
+    if isinstance(user_input, UserMessageInput):
+        _check_count("input.content", len(user_input.content), MAX_CONTENT_PARTS)
+        _check_count("input.attachments", len(user_input.attachments), MAX_ITEM_IDS)
     if not isinstance(request, ItemsFeedbackReq):
         return False
     ids = request.params.item_ids
     unique = list(dict.fromkeys(ids))
-    if len(unique) > MAX_ITEM_IDS:
-        raise bad_request(
-            f"'item_ids' names {len(unique)} items; at most {MAX_ITEM_IDS} are allowed.",
-            "invalid_request",
-        )
+    _check_count("item_ids", len(unique), MAX_ITEM_IDS)
     if len(unique) == len(ids):
         return False
     request.params.item_ids = unique
     return True
+
+
+def _check_count(field: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise bad_request(
+            f"'{field}' names {count} entries; at most {limit} are allowed.", "invalid_request"
+        )
 
 
 @dataclass(frozen=True)
