@@ -48,6 +48,7 @@ __all__ = ["SQLAlchemyStore", "default_owner"]
 T = TypeVar("T")
 _THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _CHUNK = 500
+DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
 
 
 @lru_cache(maxsize=1)
@@ -105,12 +106,15 @@ class SQLAlchemyStore(Store[Any]):
         owner: Callable[[Any], str] = default_owner,
         table_prefix: str = "chatkit_",
         pool_size: int | None = None,
+        max_page_bytes: int | None = DEFAULT_MAX_PAGE_BYTES,
     ) -> None:
         if isinstance(bind, Engine):
             self.engine = bind
         else:
             self.engine = build_engine(bind, pool_size=pool_size)
         self._owner = owner
+        # A page of items also ends once its payloads reach this many bytes (None: no bound).
+        self.max_page_bytes = max_page_bytes
         # Called (sync, after commit) with the ids of attachment rows removed along
         # with their threads, so their files can go too; the extension wires it.
         self.on_attachments_deleted: Callable[[list[str]], None] | None = None
@@ -220,7 +224,9 @@ class SQLAlchemyStore(Store[Any]):
         i = self.items
         scope = and_(i.c.thread_id == thread_id, i.c.owner == owner)
         with self._tx() as conn:
-            rows, more = keyset_page(conn, i, scope, after, limit, order, "Item")
+            rows, more = keyset_page(
+                conn, i, scope, after, limit, order, "Item", self.max_page_bytes
+            )
         adapter = _item_adapter()
         data = [adapter.validate_python(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
