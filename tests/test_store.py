@@ -87,22 +87,15 @@ def message(tid: str, iid: str, at: datetime = T0, text: str = "hi") -> Assistan
 
 def file_attachment(aid: str = "atc_file", thread_id: str | None = None) -> FileAttachment:
     return FileAttachment(
-        id=aid,
-        name="notes.txt",
-        mime_type="text/plain",
-        thread_id=thread_id,
+        id=aid, name="notes.txt", mime_type="text/plain", thread_id=thread_id,
         metadata={"path": "/srv/x/notes.txt", "sha256": "abc", "nested": {"n": [1, 2]}},
     )
 
 
 def image_attachment(aid: str = "atc_img", thread_id: str | None = None) -> ImageAttachment:
     return ImageAttachment(
-        id=aid,
-        name="cat.png",
-        mime_type="image/png",
-        thread_id=thread_id,
-        preview_url="https://example.com/cat.png",
-        metadata={"w": 10},
+        id=aid, name="cat.png", mime_type="image/png", thread_id=thread_id,
+        preview_url="https://example.com/cat.png", metadata={"w": 10},
     )
 
 
@@ -113,9 +106,7 @@ def every_item(tid: str) -> list[ThreadItem]:
     url = URLSource(title="Docs", url="https://example.com/docs", attribution="ex")
     items: list[ThreadItem] = [
         UserMessageItem(
-            id="msg_user",
-            thread_id=tid,
-            created_at=at,
+            id="msg_user", thread_id=tid, created_at=at,
             content=[
                 UserMessageTextContent(text="hello"),
                 UserMessageTagContent(id="tag1", text="@bob", data={"k": 1}, group="people"),
@@ -125,53 +116,31 @@ def every_item(tid: str) -> list[ThreadItem]:
             inference_options=InferenceOptions(tool_choice=ToolChoice(id="search"), model="m1"),
         ),
         AssistantMessageItem(
-            id="msg_asst",
-            thread_id=tid,
-            created_at=at + step,
-            content=[
-                AssistantMessageContent(
-                    text="answer",
-                    annotations=[
-                        Annotation(source=url, index=3),
-                        Annotation(source=FileSource(title="F", filename="f.pdf")),
-                        Annotation(source=EntitySource(title="E", id="ent1", data={"x": "y"})),
-                    ],
-                )
-            ],
+            id="msg_asst", thread_id=tid, created_at=at + step,
+            content=[AssistantMessageContent(text="answer", annotations=[
+                Annotation(source=url, index=3),
+                Annotation(source=FileSource(title="F", filename="f.pdf")),
+                Annotation(source=EntitySource(title="E", id="ent1", data={"x": "y"})),
+            ])],
         ),
         ClientToolCallItem(
-            id="tc_1",
-            thread_id=tid,
-            created_at=at + 2 * step,
-            status="completed",
-            call_id="call_1",
-            name="get_weather",
-            arguments={"city": "Paris"},
+            id="tc_1", thread_id=tid, created_at=at + 2 * step, status="completed",
+            call_id="call_1", name="get_weather", arguments={"city": "Paris"},
             output={"temp": 21.5},
         ),
         WidgetItem(
-            id="wd_1",
-            thread_id=tid,
-            created_at=at + 3 * step,
-            widget=Card(children=[Text(value="Hello widget")]),
-            copy_text="Hello widget",
+            id="wd_1", thread_id=tid, created_at=at + 3 * step,
+            widget=Card(children=[Text(value="Hello widget")]), copy_text="Hello widget",
         ),
         GeneratedImageItem(
-            id="img_1",
-            thread_id=tid,
-            created_at=at + 4 * step,
+            id="img_1", thread_id=tid, created_at=at + 4 * step,
             image=GeneratedImage(id="gi1", url="https://example.com/g.png"),
         ),
         StructuredInputItem(
-            id="si_1",
-            thread_id=tid,
-            created_at=at + 5 * step,
-            status="answered",
+            id="si_1", thread_id=tid, created_at=at + 5 * step, status="answered",
             inputs=[
                 StructuredInputMultipleChoice(
-                    id="q1",
-                    question="Pick",
-                    multiple=True,
+                    id="q1", question="Pick", multiple=True,
                     options=[StructuredInputMultipleChoiceOption(value="a")],
                     answer=StructuredInputAnswer(values=["a"]),
                 ),
@@ -179,20 +148,14 @@ def every_item(tid: str) -> list[ThreadItem]:
             ],
         ),
         WorkflowItem(
-            id="wf_1",
-            thread_id=tid,
-            created_at=at + 6 * step,
+            id="wf_1", thread_id=tid, created_at=at + 6 * step,
             workflow=Workflow(
-                type="reasoning",
-                expanded=True,
-                summary=CustomSummary(title="Thinking"),
+                type="reasoning", expanded=True, summary=CustomSummary(title="Thinking"),
                 tasks=[ThoughtTask(content="hmm"), SearchTask(queries=["q"], sources=[url])],
             ),
         ),
         TaskItem(
-            id="tsk_1",
-            thread_id=tid,
-            created_at=at + 7 * step,
+            id="tsk_1", thread_id=tid, created_at=at + 7 * step,
             task=CustomTask(title="Do", content="done", status_indicator="complete"),
         ),
         HiddenContextItem(
@@ -214,13 +177,8 @@ def test_every_item_type_is_covered() -> None:
 
 # -- threads ----------------------------------------------------------------
 def test_thread_round_trip_and_upsert(store: SQLAlchemyStore) -> None:
-    t = thread(
-        "thr_1",
-        title="First",
-        status=LockedStatus(reason="r"),
-        allowed_image_domains=["a.com"],
-        metadata={"k": [1, {"x": None}]},
-    )
+    t = thread("thr_1", title="First", status=LockedStatus(reason="r"),
+               allowed_image_domains=["a.com"], metadata={"k": [1, {"x": None}]})
 
     async def go() -> None:
         with pytest.raises(NotFoundError, match="Thread thr_1 not found"):
@@ -346,7 +304,9 @@ def test_items_pagination(store: SQLAlchemyStore) -> None:
 
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
-def test_ties_in_created_at_page_without_skip_or_repeat(store: SQLAlchemyStore, order: str) -> None:
+def test_ties_in_created_at_page_without_skip_or_repeat(
+    store: SQLAlchemyStore, order: str
+) -> None:
     ids = [f"m{(n * 7) % 25:02d}" for n in range(25)]  # id order is not insertion order
 
     async def go() -> None:
@@ -478,9 +438,8 @@ def test_owner_isolation_for_every_method(store: SQLAlchemyStore) -> None:
         await store.save_thread(thread("thr_a", title="bob's"), BOB)
         await store.add_thread_item("thr_a", message("thr_a", "m_a", text="bob"), BOB)
         await store.save_item("thr_a", message("thr_a", "m_a", text="bob2"), BOB)
-        await store.save_attachment(
-            file_attachment("atc_a").model_copy(update={"name": "bob.txt"}), BOB
-        )
+        await store.save_attachment(file_attachment("atc_a").model_copy(
+            update={"name": "bob.txt"}), BOB)
         await alice_unchanged()
         assert (await store.load_thread("thr_a", BOB)).title == "bob's"
         assert (await store.load_item("thr_a", "m_a", BOB)) == message("thr_a", "m_a", text="bob2")
@@ -517,7 +476,9 @@ def test_create_all_is_idempotent_and_exposes_metadata(store: SQLAlchemyStore) -
     store.create_all()
     names = set(sa.inspect(store.engine).get_table_names())
     assert {"chatkit_threads", "chatkit_items", "chatkit_attachments"} <= names
-    assert set(store.metadata.tables) == {"chatkit_threads", "chatkit_items", "chatkit_attachments"}
+    assert set(store.metadata.tables) == {
+        "chatkit_threads", "chatkit_items", "chatkit_attachments"
+    }
     indexes = {
         tuple(ix["column_names"])
         for table in ("chatkit_threads", "chatkit_items")
@@ -587,12 +548,10 @@ def test_50_os_threads_each_with_its_own_loop(store: SQLAlchemyStore) -> None:
 def test_50_concurrent_adds_in_one_loop_including_duplicates(store: SQLAlchemyStore) -> None:
     async def go() -> None:
         await store.save_thread(thread("thr_1"), ALICE)
-        await asyncio.gather(
-            *(
-                store.add_thread_item("thr_1", message("thr_1", f"m{n % 50:02d}"), ALICE)
-                for n in range(100)  # every id twice: racing inserts must not fail
-            )
-        )
+        await asyncio.gather(*(
+            store.add_thread_item("thr_1", message("thr_1", f"m{n % 50:02d}"), ALICE)
+            for n in range(100)  # every id twice: racing inserts must not fail
+        ))
 
     run(go())
     assert _count_items(store, "thr_1") == 50

@@ -61,21 +61,18 @@ def thread_id_of(events: list[dict[str, Any]]) -> str | None:
 
 def delta_text(events: list[dict[str, Any]]) -> str:
     return "".join(
-        e["update"]["delta"]
-        for e in events
+        e["update"]["delta"] for e in events
         if e.get("type") == "thread.item.updated" and e.get("update", {}).get("type") == DELTA
     )
 
 
-def post(
-    session: requests.Session, base_url: str, payload: dict[str, Any], timeout: float = 30
-) -> requests.Response:
+def post(session: requests.Session, base_url: str, payload: dict[str, Any],
+         timeout: float = 30) -> requests.Response:
     return session.post(f"{base_url}{PREFIX}", json=payload, timeout=timeout)
 
 
-def create_thread(
-    session: requests.Session, base_url: str, text: str, timeout: float = 30
-) -> tuple[str, list[dict[str, Any]]]:
+def create_thread(session: requests.Session, base_url: str, text: str,
+                  timeout: float = 30) -> tuple[str, list[dict[str, Any]]]:
     response = post(session, base_url, create_payload(text), timeout)
     assert response.status_code == 200, response.text[:500]
     assert response.headers["Content-Type"].startswith("text/event-stream")
@@ -86,24 +83,18 @@ def create_thread(
     return thread_id, events
 
 
-def list_items(
-    session: requests.Session, base_url: str, thread_id: str, timeout: float = 30
-) -> list[dict[str, Any]]:
-    response = post(
-        session,
-        base_url,
-        {"type": "items.list", "params": {"thread_id": thread_id, "order": "asc", "limit": 100}},
-        timeout,
-    )
+def list_items(session: requests.Session, base_url: str, thread_id: str,
+               timeout: float = 30) -> list[dict[str, Any]]:
+    response = post(session, base_url, {"type": "items.list", "params": {
+        "thread_id": thread_id, "order": "asc", "limit": 100}}, timeout)
     assert response.status_code == 200, response.text[:500]
     page = response.json()
     assert not page["has_more"]
     return list(page["data"])
 
 
-def list_threads(
-    session: requests.Session, base_url: str, timeout: float = 30
-) -> list[dict[str, Any]]:
+def list_threads(session: requests.Session, base_url: str,
+                 timeout: float = 30) -> list[dict[str, Any]]:
     """All of the session user's threads (follows pagination, bounded)."""
     threads: list[dict[str, Any]] = []
     after = None
@@ -165,14 +156,8 @@ def wait_until(predicate: Callable[[], bool], timeout: float, interval: float = 
 # -- raw-socket streaming client ---------------------------------------------------
 
 
-def raw_request(
-    port: int,
-    cookie: str,
-    payload: dict[str, Any],
-    *,
-    rcvbuf: int | None = None,
-    timeout: float = 30,
-) -> socket.socket:
+def raw_request(port: int, cookie: str, payload: dict[str, Any], *,
+                rcvbuf: int | None = None, timeout: float = 30) -> socket.socket:
     """Open a connection and send one HTTP/1.0 POST (the body then runs until close)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     if rcvbuf is not None:  # must be set before connect to shrink the TCP window

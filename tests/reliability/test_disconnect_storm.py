@@ -69,14 +69,8 @@ class Dropped:
     finished: bool  # the client saw the whole reply (it should never have)
 
 
-def drop_after(
-    port: int,
-    cookies: dict[str, str],
-    user: str,
-    deltas: int,
-    reset: bool,
-    start: threading.Barrier,
-) -> Dropped:
+def drop_after(port: int, cookies: dict[str, str], user: str, deltas: int, reset: bool,
+               start: threading.Barrier) -> Dropped:
     start.wait(timeout=30)
     sock = raw_request(port, cookies[user], create_payload(STREAM_TEXT), timeout=60)
     reader = StreamReader(sock)
@@ -85,10 +79,8 @@ def drop_after(
         status = reader.read_headers()
         while status == 200 and reader.deltas().count(" ") < deltas:
             event = reader.next_event()
-            if event is None or (
-                event.get("type") == "thread.item.done"
-                and event["item"]["type"] == "assistant_message"
-            ):
+            if event is None or (event.get("type") == "thread.item.done"
+                                 and event["item"]["type"] == "assistant_message"):
                 finished = True
                 break
     finally:
@@ -99,13 +91,12 @@ def drop_after(
 def storm(server: RunningServer, count: int, seed: int) -> list[Dropped]:
     cookies = {u: "session=" + login(server.url, u).cookies["session"] for u in USERS}
     rng = random.Random(seed)
-    plan = [(USERS[i % len(USERS)], rng.randint(1, 25), rng.random() < 0.75) for i in range(count)]
+    plan = [(USERS[i % len(USERS)], rng.randint(1, 25), rng.random() < 0.75)
+            for i in range(count)]
     start = threading.Barrier(count)
     with ThreadPoolExecutor(max_workers=count) as pool:
-        futures = [
-            pool.submit(drop_after, server.port, cookies, user, deltas, reset, start)
-            for user, deltas, reset in plan
-        ]
+        futures = [pool.submit(drop_after, server.port, cookies, user, deltas, reset, start)
+                   for user, deltas, reset in plan]
         return [f.result(timeout=120) for f in futures]
 
 
@@ -132,17 +123,15 @@ def stream_problems(server: RunningServer, dropped: Dropped) -> list[str]:
 
 
 def worker_state(server: RunningServer, pid: int) -> dict[str, int]:
-    return {"tasks": loop_tasks(server.url), "threads": native_threads(pid), "fds": open_fds(pid)}
+    return {"tasks": loop_tasks(server.url), "threads": native_threads(pid),
+            "fds": open_fds(pid)}
 
 
 def settled(server: RunningServer, pid: int, baseline: dict[str, int]) -> bool:
     """Back to the baseline: no task on the loop, no extra native thread or fd."""
     now = worker_state(server, pid)
-    return (
-        now["tasks"] == baseline["tasks"]
-        and now["threads"] <= baseline["threads"]
-        and now["fds"] <= baseline["fds"]
-    )
+    return (now["tasks"] == baseline["tasks"] and now["threads"] <= baseline["threads"]
+            and now["fds"] <= baseline["fds"])
 
 
 @pytest.mark.timeout(240)
@@ -185,9 +174,7 @@ def test_disconnect_storm_persists_every_partial_reply_and_leaks_nothing(
 
         # Nothing leaked: no task left on the loop, no extra native thread, no socket.
         assert wait_until(lambda: settled(server, pid, baseline), 30, 0.5), (
-            baseline,
-            worker_state(server, pid),
-        )
+            baseline, worker_state(server, pid))
 
         # The same worker keeps serving.
         _, events = create_thread(session, server.url, "words=5")
@@ -210,11 +197,8 @@ def test_clients_gone_before_the_first_byte_leave_nothing_behind(tmp_path: Path)
     yields ``thread.created``, and only then awaits the user message's write,
     outside ``respond`` where no ``handle_stream_cancelled`` runs.)
     """
-    env = {
-        **SERVER_ENV,
-        "CHATKIT_TEST_STORE": "sql",
-        "CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'early.sqlite3'}",
-    }
+    env = {**SERVER_ENV, "CHATKIT_TEST_STORE": "sql",
+           "CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'early.sqlite3'}"}
     with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
         (pid,) = server.worker_pids()
         session = login(server.url, "early")
@@ -251,12 +235,9 @@ def test_clients_gone_before_the_first_byte_leave_nothing_behind(tmp_path: Path)
 
         # Whatever threads were created are whole: the user message is stored.
         threads = list_threads(session, server.url)
-        empty = [
-            t["id"]
-            for t in threads
-            if [i["type"] for i in store_items(server.url, "early", t["id"])][:1]
-            != ["user_message"]
-        ]
+        empty = [t["id"] for t in threads
+                 if [i["type"] for i in store_items(server.url, "early", t["id"])][:1]
+                 != ["user_message"]]
         assert empty == [], f"{len(empty)} of {len(threads)} threads have no user message"
         create_thread(session, server.url, "words=2")
         assert server.worker_pids() == [pid]
@@ -272,16 +253,10 @@ def test_control_without_cancellation_the_storm_checks_fail(tmp_path: Path) -> N
     with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
         dropped = storm(server, 20, seed=7)
         assert all(d.status == 200 and d.received and not d.finished for d in dropped)
-
         # The detached streams run to completion (3 s) and persist the whole reply.
         def all_complete() -> bool:
-            return all(
-                any(
-                    i["type"] == "assistant_message"
-                    for i in store_items(server.url, d.user, str(d.thread_id))
-                )
-                for d in dropped
-            )
+            return all(any(i["type"] == "assistant_message" for i in
+                           store_items(server.url, d.user, str(d.thread_id))) for d in dropped)
 
         assert wait_until(all_complete, 30, 0.5)
         assert observations(server.url)["cancelled"] == 0

@@ -40,9 +40,8 @@ from .conftest import (
 FAST = 6.0  # seconds: "fails fast" (the engine's connect timeout is 5 s)
 
 
-def timed(
-    session: requests.Session, url: str, payload: dict[str, Any]
-) -> tuple[int, float, requests.Response]:
+def timed(session: requests.Session, url: str, payload: dict[str, Any]) -> tuple[
+        int, float, requests.Response]:
     started = time.monotonic()
     response = post(session, url, payload, timeout=30)
     return response.status_code, time.monotonic() - started, response
@@ -73,11 +72,8 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
             for n in range(10_000):
                 if stop_traffic.is_set():
                     return
-                payload = (
-                    create_payload("words=2")
-                    if n % 2 == 0
-                    else {"type": "threads.list", "params": {"limit": 5}}
-                )
+                payload = (create_payload("words=2") if n % 2 == 0 else
+                           {"type": "threads.list", "params": {"limit": 5}})
                 try:
                     status, took, response = timed(own, url, payload)
                 except requests.RequestException as exc:
@@ -103,10 +99,8 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
                 {"type": "threads.get_by_id", "params": {"thread_id": existing}},
                 {"type": "items.list", "params": {"thread_id": existing}},
                 create_payload("words=2"),
-                {
-                    "type": "threads.add_user_message",
-                    "params": {"thread_id": existing, "input": user_input("words=2")},
-                },
+                {"type": "threads.add_user_message",
+                 "params": {"thread_id": existing, "input": user_input("words=2")}},
             ]
             for _ in range(2):
                 for payload in probes:
@@ -120,20 +114,13 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
 
         # Everything works again at once: the pool pre-pings away dead connections.
         for n in range(20):
-            status, _, response = timed(
-                session, url, {"type": "threads.list", "params": {"limit": 5}}
-            )
+            status, _, response = timed(session, url, {"type": "threads.list",
+                                                       "params": {"limit": 5}})
             assert status == 200, (n, response.text[:300])
         recovered = len(outcomes)
         thread_id, _ = create_thread(session, url, "words=3")
-        response = post(
-            session,
-            url,
-            {
-                "type": "threads.add_user_message",
-                "params": {"thread_id": existing, "input": user_input("words=2")},
-            },
-        )
+        response = post(session, url, {"type": "threads.add_user_message", "params": {
+            "thread_id": existing, "input": user_input("words=2")}})
         assert response.status_code == 200
         assert not [e for e in sse_events(response.content) if e.get("type") == "error"]
         time.sleep(1)
@@ -154,15 +141,12 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
         # thread the outage interrupted is whole.
         threads = list_threads(session, url)
         assert thread_id in {t["id"] for t in threads}
-        broken = {
-            t["id"]: [i["type"] for i in store_items(url, "pg-user", t["id"])] for t in threads
-        }
+        broken = {t["id"]: [i["type"] for i in store_items(url, "pg-user", t["id"])]
+                  for t in threads}
         broken = {k: v for k, v in broken.items() if v[:1] != ["user_message"]}
         assert broken == {}, f"{len(broken)} of {len(threads)} threads lack their user message"
         assert [i["type"] for i in list_items(session, url, existing)][:2] == [
-            "user_message",
-            "assistant_message",
-        ]
+            "user_message", "assistant_message"]
         assert "Internal server error" not in server.log()
 
 
@@ -198,9 +182,6 @@ def test_outage_between_thread_and_user_message_leaves_no_empty_thread(tmp_path:
         kit.create_thread("words=2")
     except ChatKitHTTPError as exc:  # a 503 before any byte would be fine too
         assert exc.status == 503
-    empty = [
-        t.id
-        for t in kit.list_threads().data
-        if [i.type for i in kit.list_items(t.id).data][:1] != ["user_message"]
-    ]
+    empty = [t.id for t in kit.list_threads().data
+             if [i.type for i in kit.list_items(t.id).data][:1] != ["user_message"]]
     assert empty == [], "a thread without its user message was left behind"

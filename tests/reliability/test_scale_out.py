@@ -43,10 +43,8 @@ def shared_pg_url(pg_cluster: Any) -> Iterator[str]:
 @pytest.mark.timeout(180)
 def test_two_servers_one_postgres(tmp_path: Path, shared_pg_url: str) -> None:
     env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": shared_pg_url}
-    with (
-        start_gunicorn(tmp_path, APP_SPEC, env=env) as a,
-        start_gunicorn(tmp_path, APP_SPEC, env=env) as b,
-    ):
+    with start_gunicorn(tmp_path, APP_SPEC, env=env) as a, \
+            start_gunicorn(tmp_path, APP_SPEC, env=env) as b:
         assert a.port != b.port
         # One login on A; requests sends the cookie to both ports of 127.0.0.1.
         session = login(a.url, "ada")
@@ -60,42 +58,27 @@ def test_two_servers_one_postgres(tmp_path: Path, shared_pg_url: str) -> None:
         # ... listed and read on B,
         assert thread_id in {t["id"] for t in list_threads(session, b.url)}
         assert [i["type"] for i in list_items(session, b.url, thread_id)] == [
-            "user_message",
-            "assistant_message",
-        ]
+            "user_message", "assistant_message"]
         # continued on B and seen on A,
-        response = post(
-            session,
-            b.url,
-            {
-                "type": "threads.add_user_message",
-                "params": {"thread_id": thread_id, "input": user_input("words=4")},
-            },
-        )
+        response = post(session, b.url, {"type": "threads.add_user_message", "params": {
+            "thread_id": thread_id, "input": user_input("words=4")}})
         assert response.status_code == 200
         assert not [e for e in sse_events(response.content) if e.get("type") == "error"]
         items = list_items(session, a.url, thread_id)
         assert [i["type"] for i in items] == [
-            "user_message",
-            "assistant_message",
-            "user_message",
-            "assistant_message",
-        ]
+            "user_message", "assistant_message", "user_message", "assistant_message"]
         # another user cannot see it through either server,
         bob = login(b.url, "bob")
         for server in (a, b):
-            foreign = post(
-                bob, server.url, {"type": "threads.get_by_id", "params": {"thread_id": thread_id}}
-            )
+            foreign = post(bob, server.url, {"type": "threads.get_by_id",
+                                              "params": {"thread_id": thread_id}})
             assert foreign.status_code == 404
         # deleted through B and gone on A.
-        deleted = post(
-            session, b.url, {"type": "threads.delete", "params": {"thread_id": thread_id}}
-        )
+        deleted = post(session, b.url, {"type": "threads.delete",
+                                        "params": {"thread_id": thread_id}})
         assert deleted.status_code == 200, deleted.text
-        gone = post(
-            session, a.url, {"type": "threads.get_by_id", "params": {"thread_id": thread_id}}
-        )
+        gone = post(session, a.url, {"type": "threads.get_by_id",
+                                     "params": {"thread_id": thread_id}})
         assert gone.status_code == 404
         assert gone.json()["error"]["code"] == "not_found"
         assert thread_id not in {t["id"] for t in list_threads(session, a.url)}

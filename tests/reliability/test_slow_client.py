@@ -55,9 +55,8 @@ def test_slow_reader_does_not_slow_other_streams(tmp_path: Path) -> None:
         cookie = "session=" + session.cookies["session"]
         # ~500 events/s for 40+ s (several MB): far more than the socket buffers
         # hold, and still producing when the client finally drops.
-        slow = raw_request(
-            server.port, cookie, create_payload("words=20000 delay=0.002"), rcvbuf=2048, timeout=10
-        )
+        slow = raw_request(server.port, cookie, create_payload("words=20000 delay=0.002"),
+                           rcvbuf=2048, timeout=10)
         slow_port = slow.getsockname()[1]
         received = b""
         try:
@@ -71,9 +70,8 @@ def test_slow_reader_does_not_slow_other_streams(tmp_path: Path) -> None:
                     time.sleep(1)
 
             # Wait until the worker is backed up on the slow connection.
-            assert wait_until(
-                lambda: (server_send_queue(server.port, slow_port) or 0) > 4096, 15, 0.2
-            ), server_send_queue(server.port, slow_port)
+            assert wait_until(lambda: (server_send_queue(server.port, slow_port) or 0) > 4096,
+                              15, 0.2), server_send_queue(server.port, slow_port)
 
             def timed_stream(n: int) -> float:
                 own = login(url, f"other{n}")

@@ -35,10 +35,8 @@ PER_USER = 20
 
 @pytest.mark.timeout(180)
 def test_four_sqlite_workers_write_concurrently(tmp_path: Path) -> None:
-    env = {
-        "CHATKIT_TEST_STORE": "sql",
-        "CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.sqlite3'}",
-    }
+    env = {"CHATKIT_TEST_STORE": "sql",
+           "CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'shared.sqlite3'}"}
     # The access log names the worker pid of every request.
     extra = ["--access-logfile", "-", "--access-logformat", "ACCESS %(p)s %(r)s %(s)s"]
     with start_gunicorn(tmp_path, APP_SPEC, env=env, workers=4, extra_args=extra) as server:
@@ -49,9 +47,8 @@ def test_four_sqlite_workers_write_concurrently(tmp_path: Path) -> None:
             assert post(session, url, {"type": "threads.list", "params": {}}).status_code == 200
 
         def create(user: str, n: int) -> tuple[int, str, str | None]:
-            response = post(
-                sessions[user], url, create_payload(f"words=5 delay=0.02 n={n}"), timeout=60
-            )
+            response = post(sessions[user], url, create_payload(f"words=5 delay=0.02 n={n}"),
+                            timeout=60)
             events = sse_events(response.content)
             errors = [e for e in events if e.get("type") == "error"]
             return response.status_code, response.text if errors else "", thread_id_of(events)
@@ -64,15 +61,8 @@ def test_four_sqlite_workers_write_concurrently(tmp_path: Path) -> None:
 
         # A second wave continues every thread at once (writes to existing threads).
         def follow_up(user: str, thread_id: str) -> tuple[int, str]:
-            response = post(
-                sessions[user],
-                url,
-                {
-                    "type": "threads.add_user_message",
-                    "params": {"thread_id": thread_id, "input": user_input("words=3")},
-                },
-                timeout=60,
-            )
+            response = post(sessions[user], url, {"type": "threads.add_user_message", "params": {
+                "thread_id": thread_id, "input": user_input("words=3")}}, timeout=60)
             bad = [e for e in sse_events(response.content) if e.get("type") == "error"]
             return response.status_code, response.text if bad else ""
 
@@ -88,11 +78,7 @@ def test_four_sqlite_workers_write_concurrently(tmp_path: Path) -> None:
             for thread in threads:
                 items = list_items(session, url, thread["id"])
                 assert [i["type"] for i in items] == [
-                    "user_message",
-                    "assistant_message",
-                    "user_message",
-                    "assistant_message",
-                ]
+                    "user_message", "assistant_message", "user_message", "assistant_message"]
                 assert item_text(items[1]) == "w0 w1 w2 w3 w4 "
         expected = {str(r[2]) for r in results}
         listed = {t["id"] for s in sessions.values() for t in list_threads(s, url)}

@@ -49,10 +49,8 @@ def test_sigkill_mid_stream_on_sqlite(tmp_path: Path) -> None:
         session = login(server.url, "killer")
         done = [create_thread(session, server.url, f"words={n}")[0] for n in range(1, 6)]
         before = {t: list_items(session, server.url, t) for t in done}
-        assert all(
-            [i["type"] for i in items] == ["user_message", "assistant_message"]
-            for items in before.values()
-        )
+        assert all([i["type"] for i in items] == ["user_message", "assistant_message"]
+                   for items in before.values())
 
         (old_pid,) = server.worker_pids()
         cookie = "session=" + session.cookies["session"]
@@ -86,11 +84,8 @@ def test_sigkill_mid_stream_on_sqlite(tmp_path: Path) -> None:
         after = {t: list_items(session, server.url, t) for t in done}
         assert after == before
         # The killed stream's thread is readable, with its user message.
-        response = post(
-            session,
-            server.url,
-            {"type": "threads.get_by_id", "params": {"thread_id": killed_thread}},
-        )
+        response = post(session, server.url, {"type": "threads.get_by_id",
+                                              "params": {"thread_id": killed_thread}})
         assert response.status_code == 200, response.text
         thread = response.json()
         assert thread["id"] == killed_thread
@@ -99,21 +94,10 @@ def test_sigkill_mid_stream_on_sqlite(tmp_path: Path) -> None:
         assert items[0]["content"][0]["text"] == "words=200 delay=0.05"
         # New requests work, including continuing the interrupted thread.
         create_thread(session, server.url, "words=3")
-        response = post(
-            session,
-            server.url,
-            {
-                "type": "threads.add_user_message",
-                "params": {
-                    "thread_id": killed_thread,
-                    "input": {
-                        "content": [{"type": "input_text", "text": "words=2"}],
-                        "attachments": [],
-                        "inference_options": {},
-                    },
-                },
-            },
-        )
+        response = post(session, server.url, {"type": "threads.add_user_message", "params": {
+            "thread_id": killed_thread, "input": {
+                "content": [{"type": "input_text", "text": "words=2"}],
+                "attachments": [], "inference_options": {}}}})
         assert response.status_code == 200, response.text
         ids = {t["id"] for t in list_threads(session, server.url)}
         assert set(done) | {killed_thread} <= ids and len(ids) == 7
