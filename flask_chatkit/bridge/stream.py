@@ -23,6 +23,9 @@ logger = logging.getLogger("flask_chatkit")
 
 PING = b": ping\n\n"
 _END = object()  # the pump finished (normally, or after cancellation)
+# Bytes a stream may hold for a reader that has not taken them yet; past it the
+# pump (and so ChatKit's stream) waits until the reader catches up.
+MAX_BUFFERED_BYTES = 256 * 1024
 
 
 def error_event_bytes() -> bytes:
@@ -57,6 +60,7 @@ class Stream:
         heartbeat: float,
         cancel_timeout: float,
         on_disconnect: OnDisconnect = "cancel",
+        max_buffered: int = MAX_BUFFERED_BYTES,
     ) -> None:
         self._loop_thread = loop_thread
         self._source = source
@@ -69,6 +73,15 @@ class Stream:
         self._detached = False  # the reader left and the pump should stop queuing
         self._finished = False
         self._queued: collections.deque[Any] = collections.deque()
+        # Backpressure. Each counter has one writer (the pump / the reader), so
+        # neither needs a lock; the pump parks on ``_drained`` (a loop-side
+        # Event) only once the difference crosses ``_max_buffered``.
+        self._max_buffered = max_buffered
+        self._produced = 0
+        self._consumed = 0
+        self._drained = asyncio.Event()
+        self._parked = False  # the pump waits on _drained (read by the reader)
+        self._cancel_when_resumed = False
 
     def start(self) -> None:
         self._loop_thread.call_soon(self._create_task, context=self._context)
@@ -82,8 +95,12 @@ class Stream:
         source = getattr(self._source, "json_events", self._source)
         try:
             async for chunk in source:
-                if not self._detached:
-                    self._channel.put(chunk)
+                if self._detached:
+                    continue
+                self._channel.put(chunk)
+                self._produced += len(chunk)
+                if self._produced - self._consumed > self._max_buffered:
+                    await self._wait_for_reader()
         except asyncio.CancelledError:
             self._channel.put(_END)
             raise
@@ -92,6 +109,41 @@ class Stream:
             self._channel.put(Failure(exc))
         else:
             self._channel.put(_END)
+
+    def _over_budget(self) -> bool:
+        return not self._detached and self._produced - self._consumed > self._max_buffered
+
+    async def _wait_for_reader(self) -> None:
+        """Park between two events until the reader has taken what is buffered.
+
+        The reader wakes us once it takes a batch (see ``_taken``); ``_parked``
+        is set before the re-check, so a batch taken in between is never missed.
+        A disconnect wakes us too: finish mode then runs on without a reader,
+        and a cancel is re-aimed inside ChatKit (see ``_cancel``).
+        """
+        while self._over_budget():
+            self._drained.clear()
+            self._parked = True
+            try:
+                if self._over_budget():
+                    await self._drained.wait()
+            finally:
+                self._parked = False
+        if self._cancel_when_resumed:
+            # Raised at ChatKit's next await, where handle_stream_cancelled runs
+            # (a CancelledError here, between events, would skip it).
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+
+    def _wake_pump(self) -> None:
+        self._drained.set()
+
+    def _taken(self, batch: list[Any]) -> None:
+        """The reader took ``batch`` off the channel: count it, wake a parked pump."""
+        self._consumed += sum(len(item) for item in batch if isinstance(item, bytes))
+        if self._parked and self._produced - self._consumed <= self._max_buffered:
+            self._loop_thread.call_soon(self._wake_pump, context=self._context)
 
     def _next_write(self) -> bytes | Failure | None:
         """Everything that is ready, joined into one write; None at the end.
@@ -116,6 +168,7 @@ class Stream:
             if batch is TIMEOUT:
                 return PING
             assert isinstance(batch, list)
+            self._taken(batch)
             self._queued.extend(batch)
 
     def first(self) -> bytes | Failure | None:
@@ -143,15 +196,22 @@ class Stream:
             self._finished = True  # the pump already ended: nothing to cancel
             return
         self._finished = True
+        self._detached = True  # nobody reads any more: the pump stops queuing
         if self._on_disconnect == "finish":
-            self._detached = True  # run to completion; ChatKit persists as usual
+            # Run to completion; ChatKit persists as usual. A parked pump resumes.
+            self._loop_thread.call_soon(self._wake_pump, context=self._context)
             return
         self._loop_thread.call_soon(self._cancel, context=self._context)
         self._drain_until_end(self._cancel_timeout)
 
     def _cancel(self) -> None:
         # _create_task was scheduled first on the same FIFO loop, so the task exists.
-        if self._task is not None:
+        if self._parked:
+            # Parked between events, outside ChatKit: resume it and cancel at
+            # its next await inside ChatKit instead.
+            self._cancel_when_resumed = True
+            self._drained.set()
+        elif self._task is not None:
             self._task.cancel()
 
     def _drain_until_end(self, timeout: float) -> None:
