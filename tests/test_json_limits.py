@@ -146,3 +146,16 @@ def test_content_parts_and_attachments_are_capped(
     request = {"type": "threads.create", "params": {"input": user_input}}
     assert_json_error(post(client, json.dumps(request)), 400, "invalid_request")
     assert alice.list_threads().data == []
+
+
+def test_request_type_peek_does_not_build_a_pathological_body(app: Flask) -> None:
+    from flask_chatkit import chatkit_request_type
+
+    size = app.extensions["chatkit"].settings.max_request_bytes
+    body = fill(b'{"type":"threads.create","metadata":{"a":[', b"{}", b"]}}", size)
+    with app.test_request_context(
+        "/chatkit", method="POST", data=body, content_type="application/json"
+    ):
+        kind, peak = peak_memory(chatkit_request_type)
+    assert kind is None  # unreadable here; the endpoint answers 413
+    assert peak < MAX_FACTOR * len(body), f"peak {peak / len(body):.1f}x the body"

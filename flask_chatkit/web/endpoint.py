@@ -34,6 +34,8 @@ from .errors import (
     method_not_allowed,
 )
 from .json_limits import check_metadata_size
+from .observe import RequestObserver, count_error_response
+from .peek import request_body
 from .preconditions import check_implemented, check_items_exist, check_sdk_preconditions
 from .protocol import (
     clamp_page_limit,
@@ -53,7 +55,7 @@ ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_blueprint(*, console: bool = False) -> Blueprint:
+def create_blueprint(*, console: bool = False, health: bool = True) -> Blueprint:
     # No static folder: the console page is read by its own view, so nothing of
     # it is served (not even <prefix>/static/console.html) while it is off.
     bp = Blueprint("chatkit", __name__)
@@ -64,6 +66,10 @@ def create_blueprint(*, console: bool = False) -> Blueprint:
     register_attachment_routes(bp, ALL_METHODS)
     # Unknown paths under the prefix get the JSON 404 too, not Flask's HTML page.
     bp.add_url_rule("/<path:unknown>", "unknown", _unknown_path, methods=ALL_METHODS)
+    if health:  # off: the JSON 404 of unknown paths
+        from .health import health_view
+
+        bp.add_url_rule("/health", "health", health_view, methods=ALL_METHODS)
     if console:
         from .console import console_view
 
@@ -87,7 +93,9 @@ def _before_request() -> Response | None:
 
 def _after_request(response: Response) -> Response:
     response.headers.setdefault("X-Request-ID", g.get("chatkit_request_id", ""))
-    apply_cors(response, get_state().settings)
+    state = get_state()
+    apply_cors(response, state.settings)
+    count_error_response(state, request.endpoint, response.status_code)
     return response
 
 
@@ -113,14 +121,12 @@ def _unknown_path(unknown: str) -> Response:
 
 
 def read_limited_body(limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` without buffering it all."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
-        raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
-    return body
+    """The request body, refusing (413) anything over ``limit`` without buffering it all.
+
+    Read once per request: a ``before_request`` hook may have read it already
+    (:func:`flask_chatkit.chatkit_request_type`).
+    """
+    return request_body(limit)
 
 
 def chatkit_endpoint() -> Response:
@@ -140,11 +146,18 @@ def chatkit_endpoint() -> Response:
     context = state.context_loader(request, parsed.metadata)
     parsed.metadata = {}  # ChatKit never reads it: only the context keeps its copy
     state.ensure_schema()
-    return run_chatkit_request(state, parsed, body, context)
+    thread_id = getattr(parsed.params, "thread_id", None)
+    observer = RequestObserver(state, parsed.type, context, thread_id)
+    with observer.active():  # the request's span is current while ChatKit runs
+        return run_chatkit_request(state, parsed, body, context, observer)
 
 
 def run_chatkit_request(
-    state: ChatKitState, parsed: ChatKitReq, body: bytes, context: Any
+    state: ChatKitState,
+    parsed: ChatKitReq,
+    body: bytes,
+    context: Any,
+    observer: RequestObserver,
 ) -> Response:
     # Flask's app/request contexts and Flask-Login's user live in contextvars:
     # the copy makes them visible inside respond() on the loop thread.
@@ -156,12 +169,13 @@ def run_chatkit_request(
     check_implemented(state.server, parsed)  # 501 before any store work
 
     async def start() -> Any:
-        await verify_ownership(state.store, parsed, context)
-        await check_sdk_preconditions(state.store, parsed, context)
+        await verify_ownership(state.server.store, parsed, context)
+        await check_sdk_preconditions(state.server.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
     if not isinstance(result, StreamingResult):
+        observer.responded(200)
         return Response(result.json, mimetype="application/json")
 
     settings = state.settings
@@ -172,11 +186,14 @@ def run_chatkit_request(
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
         on_disconnect=settings.on_disconnect,
+        on_end=observer.stream_ended,
+        started=observer.started,
     )
     stream.start()
     first = stream.first()
     if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
         raise first.exc
+    observer.stream_started(first)
     return Response(
         stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
     )

@@ -54,7 +54,7 @@ def _count_values_outside_strings(body: bytes) -> int:
     # Without escaped backslashes and escaped quotes, every remaining '"' opens
     # or closes a string, so quote parity says what is inside one. (A stray
     # backslash outside a string is a JSON error: the parser stops there.)
-    text = body.replace(b"\\\\", b"").replace(b'\\"', b"")
+    text = body.replace(b"\\\\", b"").replace(b'\\"', b"") if b"\\" in body else body
     values = 0
     outside = True
     for start in range(0, len(text), _SLICE):
