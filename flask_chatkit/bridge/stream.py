@@ -28,6 +28,9 @@ PING = b": ping\n\n"
 ERROR_EVENT_PREFIX = b'data: {"type":"error"'
 _END = object()  # the pump finished normally
 _CANCELLED = object()  # the pump ended because its task was cancelled
+# Bytes a stream may hold for a reader that has not taken them yet; past it the
+# pump (and so ChatKit's stream) waits until the reader catches up.
+MAX_BUFFERED_BYTES = 256 * 1024
 
 
 def error_event_bytes() -> bytes:
@@ -107,6 +110,7 @@ class Stream:
         on_disconnect: OnDisconnect = "cancel",
         on_end: OnEnd | None = None,
         started: float | None = None,
+        max_buffered: int = MAX_BUFFERED_BYTES,
     ) -> None:
         self._loop_thread = loop_thread
         self._source = source
@@ -123,6 +127,15 @@ class Stream:
         self._end_claimed = native_lock()  # taken by the one report of the end
         self._final: Any = None  # the pump's last item, once the reader took it
         self.stats = StreamStats(started=time.monotonic() if started is None else started)
+        # Backpressure. Each counter has one writer (the pump / the reader), so
+        # neither needs a lock; the pump parks on ``_drained`` (a loop-side
+        # Event) only once the difference crosses ``_max_buffered``.
+        self._max_buffered = max_buffered
+        self._produced = 0
+        self._consumed = 0
+        self._drained = asyncio.Event()
+        self._parked = False  # the pump waits on _drained (read by the reader)
+        self._cancelling = False  # a cancel was re-aimed at ChatKit: never park again
 
     def start(self) -> None:
         self._loop_thread.call_soon(self._create_task, context=self._context)
@@ -137,9 +150,13 @@ class Stream:
         # (one async-generator hop less per event).
         source = getattr(self._source, "json_events", self._source)
         try:
-            async for chunk in source:  # nothing per event beyond the hand-over
-                if not self._detached:
-                    self._channel.put(chunk)
+            async for chunk in source:  # per event: the hand-over and a byte count
+                if self._detached:
+                    continue
+                self._channel.put(chunk)
+                self._produced += len(chunk)
+                if self._produced - self._consumed > self._max_buffered:
+                    await self._wait_for_reader()
         except asyncio.CancelledError:
             self._channel.put(_CANCELLED)
             self._report_detached(*self._outcome_of(_CANCELLED))
@@ -151,6 +168,47 @@ class Stream:
         else:
             self._channel.put(_END)
             self._report_detached(*self._outcome_of(_END))
+
+    def _over_budget(self) -> bool:
+        return (
+            not self._detached
+            and not self._cancelling
+            and self._produced - self._consumed > self._max_buffered
+        )
+
+    async def _wait_for_reader(self) -> None:
+        """Park between two events until the reader has taken what is buffered.
+
+        The reader wakes us once it takes a batch (see ``_taken``); ``_parked``
+        is set before the re-check, so a batch taken in between is never missed.
+        A disconnect in finish mode wakes us to run on without a reader.
+        """
+        while self._over_budget():
+            self._drained.clear()
+            self._parked = True
+            try:
+                if self._over_budget():
+                    await self._drained.wait()
+            except asyncio.CancelledError:
+                # Cancelled while parked between events (a disconnect, a stopping
+                # worker): raised here, ChatKit's handle_stream_cancelled would not
+                # run. Re-aim the cancel at ChatKit's next await instead.
+                self._cancelling = True
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                return
+            finally:
+                self._parked = False
+
+    def _wake_pump(self) -> None:
+        self._drained.set()
+
+    def _taken(self, batch: list[Any]) -> None:
+        """The reader took ``batch`` off the channel: count it, wake a parked pump."""
+        self._consumed += sum(len(item) for item in batch if isinstance(item, bytes))
+        if self._parked and self._produced - self._consumed <= self._max_buffered:
+            self._loop_thread.call_soon(self._wake_pump, context=self._context)
 
     def _report_detached(self, outcome: Outcome, exc: BaseException | None) -> None:
         # A detached stream has no reader left to report its end: do it off the
@@ -205,6 +263,7 @@ class Stream:
             if batch is TIMEOUT:
                 return PING
             assert isinstance(batch, list)
+            self._taken(batch)
             self._queued.extend(batch)
 
     def first(self) -> bytes | Failure | None:
@@ -246,6 +305,7 @@ class Stream:
         self._finished = True
         if self._on_disconnect == "finish":
             self._detached = True  # run to completion; ChatKit persists as usual
+            self._loop_thread.call_soon(self._wake_pump, context=self._context)  # if parked
             # An end that arrived before the flag was set is reported here;
             # later ones by the pump itself (_report_detached).
             batch = self._channel.get_batch(0)

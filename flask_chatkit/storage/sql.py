@@ -52,6 +52,7 @@ __all__ = ["DuplicateIdError", "SQLAlchemyStore", "default_owner"]
 T = TypeVar("T")
 _THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _CHUNK = 500
+DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
 ID_RANDOM_BYTES = 16  # 128 random bits per id (the SDK's ids carry 32)
 _FRESH_IDS_KEPT = 10_000  # bound of the id bookkeeping below (generated, cancelled)
 
@@ -129,12 +130,15 @@ class SQLAlchemyStore(Store[Any]):
         owner: Callable[[Any], str] = default_owner,
         table_prefix: str = "chatkit_",
         pool_size: int | None = None,
+        max_page_bytes: int | None = DEFAULT_MAX_PAGE_BYTES,
     ) -> None:
         if isinstance(bind, Engine):
             self.engine = bind
         else:
             self.engine = build_engine(bind, pool_size=pool_size)
         self._owner = owner
+        # A page of items also ends once its payloads reach this many bytes (None: no bound).
+        self.max_page_bytes = max_page_bytes
         # Called (sync, after commit) with the ids of attachment rows removed along
         # with their threads, so their files can go too; the extension wires it.
         self.on_attachments_deleted: Callable[[list[str]], None] | None = None
@@ -312,7 +316,9 @@ class SQLAlchemyStore(Store[Any]):
         i = self.items
         scope = and_(i.c.thread_id == thread_id, i.c.owner == owner)
         with self._tx() as conn:
-            rows, more = keyset_page(conn, i, scope, after, limit, order, "Item")
+            rows, more = keyset_page(
+                conn, i, scope, after, limit, order, "Item", self.max_page_bytes
+            )
         adapter = _item_adapter()
         data = [adapter.validate_python(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
@@ -355,6 +361,21 @@ class SQLAlchemyStore(Store[Any]):
         if payload is None:
             raise NotFoundError(f"Item {item_id} not found")
         return _item_adapter().validate_python(payload)
+
+    def _owned_item_ids(self, owner: str, thread_id: str, item_ids: Sequence[str]) -> set[str]:
+        i = self.items
+        found: set[str] = set()
+        with self._tx() as conn:
+            for start in range(0, len(item_ids), _CHUNK):
+                chunk = item_ids[start : start + _CHUNK]
+                found.update(
+                    conn.execute(
+                        select(i.c.id).where(
+                            i.c.owner == owner, i.c.thread_id == thread_id, i.c.id.in_(chunk)
+                        )
+                    ).scalars()
+                )
+        return found
 
     def _delete_thread_item(self, owner: str, thread_id: str, item_id: str) -> None:
         i = self.items
@@ -501,6 +522,17 @@ class SQLAlchemyStore(Store[Any]):
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
         owner = self.owner_key(context)
         return await self._run(self._load_item, owner, thread_id, item_id)
+
+    async def owned_item_ids(
+        self, thread_id: str, item_ids: Sequence[str], context: Any
+    ) -> set[str]:
+        """Which of ``item_ids`` are items of the caller's thread: one query per 500 ids.
+
+        Not part of chatkit's Store; the Flask view uses it to check the ids of
+        a request (e.g. ``items.feedback``) at once instead of one by one.
+        """
+        owner = self.owner_key(context)
+        return await self._run(self._owned_item_ids, owner, thread_id, list(item_ids))
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
         pending = _new_thread.get()

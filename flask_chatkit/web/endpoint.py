@@ -33,12 +33,15 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .json_limits import check_metadata_size
 from .new_thread import hold_until_stored
 from .observe import RequestObserver, count_error_response
 from .peek import request_body
+from .preconditions import check_implemented, check_items_exist, check_sdk_preconditions
 from .protocol import (
     clamp_page_limit,
     iter_owned_refs_checks,
+    limit_lists,
     owned_refs,
     parse_request,
     process_parsed,
@@ -54,7 +57,9 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def create_blueprint(*, console: bool = False, health: bool = True) -> Blueprint:
-    bp = Blueprint("chatkit", __name__, static_folder="static", static_url_path="/static")
+    # No static folder: the console page is read by its own view, so nothing of
+    # it is served (not even <prefix>/static/console.html) while it is off.
+    bp = Blueprint("chatkit", __name__)
     # Every method reaches the view so a wrong one gets the JSON 405, not HTML.
     bp.add_url_rule("", "endpoint", chatkit_endpoint, methods=ALL_METHODS, strict_slashes=False)
     from .uploads import register_attachment_routes
@@ -136,9 +141,11 @@ def chatkit_endpoint() -> Response:
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
     parsed = parse_request(body)
-    if clamp_page_limit(parsed, settings.max_page_size):
+    if clamp_page_limit(parsed, settings.max_page_size) | limit_lists(parsed):
         body = serialize_request(parsed)
+    check_metadata_size(parsed.metadata, settings.max_metadata_bytes)
     context = state.context_loader(request, parsed.metadata)
+    parsed.metadata = {}  # ChatKit never reads it: only the context keeps its copy
     state.ensure_schema()
     thread_id = getattr(parsed.params, "thread_id", None)
     observer = RequestObserver(state, parsed.type, context, thread_id)
@@ -160,8 +167,11 @@ def run_chatkit_request(
     if isinstance(parsed, ThreadsCreateReq) and callable(defer_new_thread):
         ctx.run(defer_new_thread)  # no empty thread if the first write fails
 
+    check_implemented(state.server, parsed)  # 501 before any store work
+
     async def start() -> Any:
         await verify_ownership(state.server.store, parsed, context)
+        await check_sdk_preconditions(state.server.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
@@ -205,9 +215,6 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
         try:
             if kind == "thread":
                 await store.load_thread(ref_id, context=context)
-            elif kind == "item":
-                assert refs.thread_id is not None
-                await store.load_item(refs.thread_id, ref_id, context=context)
             else:
                 attachment = await store.load_attachment(ref_id, context=context)
                 if must_be_uploaded and not is_uploaded(attachment):
@@ -216,3 +223,5 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
                     )
         except NotFoundError:
             raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None
+        if kind == "thread" and ref_id == refs.thread_id and refs.item_ids:
+            await check_items_exist(store, ref_id, refs.item_ids, context)
