@@ -18,7 +18,7 @@ from typing import Any
 from chatkit.server import StreamingResult
 from chatkit.store import NotFoundError, Store
 from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
-from flask import Blueprint, Response, g, request, stream_with_context
+from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from ..attachments import is_uploaded
@@ -26,6 +26,7 @@ from ..bridge.loop import Failure
 from ..bridge.stream import Stream
 from ..context import require_login
 from ..state import ChatKitState, get_state
+from .body import ContextKeepingBody
 from .errors import (
     ChatKitHTTPException,
     classify_exception,
@@ -197,9 +198,7 @@ def run_chatkit_request(
     if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
         raise first.exc
     observer.stream_started(first)
-    return Response(
-        stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
-    )
+    return Response(ContextKeepingBody(stream), mimetype="text/event-stream", headers=SSE_HEADERS)
 
 
 async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) -> None:
