@@ -13,15 +13,16 @@ import contextvars
 import logging
 import re
 import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from chatkit.server import StreamingResult
-from chatkit.store import NotFoundError, Store
+from chatkit.store import AttachmentStore, NotFoundError, Store
 from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
 from flask import Blueprint, Response, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
-from ..attachments import is_uploaded
+from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet, url_rewriter
 from ..bridge.loop import Failure
 from ..bridge.stream import Stream
 from ..context import require_login
@@ -147,12 +148,14 @@ def run_chatkit_request(
         ctx.run(defer_new_thread)  # no empty thread if the first write fails
 
     async def start() -> Any:
-        await verify_ownership(state.store, parsed, context)
+        await verify_ownership(state.store, parsed, context, state.attachment_store)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
+    # Stored attachment URLs are relative; they become absolute on a trusted base here.
+    rewrite = url_rewriter(settings=state.settings)
     if not isinstance(result, StreamingResult):
-        return Response(result.json, mimetype="application/json")
+        return Response(rewrite(result.json), mimetype="application/json")
 
     settings = state.settings
     stream = Stream(
@@ -168,11 +171,28 @@ def run_chatkit_request(
     if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
         raise first.exc
     return Response(
-        stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
+        stream_with_context(_rewritten(iter(stream), rewrite)),
+        mimetype="text/event-stream",
+        headers=SSE_HEADERS,
     )
 
 
-async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) -> None:
+def _rewritten(chunks: Iterator[bytes], rewrite: Callable[[bytes], bytes]) -> Iterator[bytes]:
+    try:
+        for chunk in chunks:
+            yield rewrite(chunk)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()  # a client gone mid-stream: cancel now, not at garbage collection
+
+
+async def verify_ownership(
+    store: Store[Any],
+    parsed: ChatKitReq,
+    context: Any,
+    attachment_store: AttachmentStore[Any] | None = None,
+) -> None:
     """404 for any thread, item or attachment id that is unknown or not the caller's.
 
     ChatKit alone answers a foreign ``items.list`` with an empty page and a
@@ -190,9 +210,11 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
                 await store.load_item(refs.thread_id, ref_id, context=context)
             else:
                 attachment = await store.load_attachment(ref_id, context=context)
-                if must_be_uploaded and not is_uploaded(attachment):
-                    raise ChatKitHTTPException(
-                        409, f"Attachment {ref_id} has not been uploaded yet."
-                    )
+                if not must_be_uploaded:
+                    continue
+                if isinstance(attachment_store, FileAttachmentStore):
+                    await attachment_store.confirm_uploaded(attachment, context)
+                elif not is_uploaded(attachment):
+                    raise not_uploaded_yet(ref_id)
         except NotFoundError:
             raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None

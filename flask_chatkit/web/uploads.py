@@ -8,6 +8,10 @@ Every route resolves the context inside the request (401 when not logged in),
 reads and writes attachment rows through the owner-scoped store on the loop
 thread (so another user's id is a 404), and streams bodies to storage in
 chunks, refusing (413) as soon as ``CHATKIT_MAX_ATTACHMENT_BYTES`` is passed.
+A two-phase upload first claims the row (one conditional UPDATE): of two
+uploads to one id the first wins and the second gets a 409 straight away.
+On object storage ``content`` answers 302 to a short-lived presigned GET, so
+the bytes never pass through a worker.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import IO, Any, TypeVar
 
 from chatkit.store import NotFoundError
-from flask import Blueprint, Response, request, send_file
+from flask import Blueprint, Response, redirect, request, send_file
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from ..attachments import (
     AnyAttachment,
     FileAttachmentStore,
+    already_uploaded,
     attachment_json,
     build_attachment,
     declared_size,
@@ -30,6 +36,7 @@ from ..attachments import (
     is_uploaded,
     mark_uploaded,
     normalize_mime,
+    url_rewriter,
 )
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
@@ -94,12 +101,16 @@ class _Call:
             self.files.storage.delete(attachment.id)
             raise
 
-    def store_body(self, attachment_id: str, chunks: Iterator[bytes]) -> int:
+    def store_body(self, attachment_id: str, chunks: Iterator[bytes], mime: str) -> int:
         limit = self.files.max_bytes
         try:
-            return self.files.storage.save(attachment_id, chunks, limit)
+            return self.files.save_bytes(attachment_id, chunks, mime)
         except AttachmentTooLarge:
             raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.") from None
+
+    def json(self, attachment: AnyAttachment) -> Response:
+        body = url_rewriter(self.state.settings)(attachment_json(attachment).encode())
+        return Response(body, mimetype="application/json")
 
 
 def _not_found(attachment_id: str) -> ChatKitHTTPException:
@@ -111,10 +122,6 @@ def _size_mismatch(size: int, expected: int) -> ChatKitHTTPException:
     return ChatKitHTTPException(
         400, f"Uploaded {size} bytes but the attachment declared {expected}."
     )
-
-
-def _json(attachment: AnyAttachment) -> Response:
-    return Response(attachment_json(attachment), mimetype="application/json")
 
 
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
@@ -155,12 +162,12 @@ def direct_upload() -> Response:
     upload = _multipart_file()
     mime = call.files.check_mime(guess_mime(upload.filename, upload.mimetype))
     attachment_id = call.files.generate_attachment_id(mime, call.context)
-    size = call.store_body(attachment_id, _chunks(upload.stream))
+    size = call.store_body(attachment_id, _chunks(upload.stream), mime)
     attachment = build_attachment(
         attachment_id, upload.filename or "", mime, size=size, uploaded=True
     )
     call.save(attachment)
-    return _json(attachment)
+    return call.json(attachment)
 
 
 def upload(attachment_id: str) -> Response:
@@ -169,8 +176,25 @@ def upload(attachment_id: str) -> Response:
     call = _Call()
     attachment = call.load(attachment_id)
     if is_uploaded(attachment) or attachment.upload_descriptor is None:
-        raise ChatKitHTTPException(409, f"Attachment {attachment_id} was already uploaded.")
+        raise already_uploaded(attachment_id)
     call.files.check_mime(attachment.mime_type)
+    call.run(lambda: call.files.claim_upload(attachment, call.context))  # 409 if taken
+    try:
+        size = _receive(call, attachment)
+        uploaded = mark_uploaded(attachment, size)
+        if not call.run(lambda: call.files.complete_upload(uploaded, call.context)):
+            raise already_uploaded(attachment_id)  # the row changed under us (deleted)
+    except BaseException:
+        call.run(lambda: call.files.release_upload(attachment_id, call.context))
+        call.files.storage.delete(attachment_id)
+        raise
+    return call.json(uploaded)
+
+
+def _receive(call: _Call, attachment: AnyAttachment) -> int:
+    """Stream the request body into storage; returns the size (400/413 on mismatch)."""
+    attachment_id = attachment.id
+    mime = normalize_mime(attachment.mime_type)
     limit = call.files.max_bytes
     expected = declared_size(attachment)
     if request.mimetype == "multipart/form-data":
@@ -184,29 +208,37 @@ def upload(attachment_id: str) -> Response:
             raise _size_mismatch(length, expected)
         request.max_content_length = limit
         chunks = _chunks(request.stream)
-    size = call.store_body(attachment_id, chunks)
+    size = call.store_body(attachment_id, chunks, mime)
     if expected is not None and size != expected:
-        call.files.storage.delete(attachment_id)
-        raise _size_mismatch(size, expected)
-    attachment = mark_uploaded(attachment, size)
-    call.save(attachment)
-    return _json(attachment)
+        raise _size_mismatch(size, expected)  # the caller removes the bytes
+    return size
 
 
-def content(attachment_id: str) -> Response:
+def content(attachment_id: str) -> Response | WerkzeugResponse:
     if request.method not in ("GET", "HEAD"):
         raise method_not_allowed(request.method, "GET, HEAD, OPTIONS")
     call = _Call()
     attachment = call.load(attachment_id)
     if not is_uploaded(attachment):
         raise _not_found(attachment_id)
+    mime = normalize_mime(attachment.mime_type)
+    # SVG can carry script: offer it as a download (an <img> still renders it).
+    inline = is_image(mime) and mime != "image/svg+xml"
+    presigning = call.files.presigning
+    if presigning is not None:
+        url = presigning.presign_download(
+            attachment_id,
+            content_type=mime,
+            filename=attachment.name or "attachment",
+            inline=inline,
+        )
+        response = redirect(url, code=302)
+        response.headers["Cache-Control"] = "private, no-store"  # the URL expires soon
+        return response
     try:
         stream = call.files.storage.open(attachment_id)
     except FileNotFoundError:
         raise _not_found(attachment_id) from None
-    mime = normalize_mime(attachment.mime_type)
-    # SVG can carry script: offer it as a download (an <img> still renders it).
-    inline = is_image(mime) and mime != "image/svg+xml"
     response = send_file(
         stream,
         mimetype=mime,

@@ -1,0 +1,50 @@
+"""Run blocking file and object-storage calls off the gevent hub.
+
+Under ``gunicorn -k gevent`` every request is a greenlet on one OS thread (the
+hub's). A disk write, an ``fsync`` or a boto3 call (which hashes and signs the
+whole body before sending it) blocks that thread, and with it every stream of
+the worker. :func:`offload` hands such a call to gevent's pool of *native*
+threads and lets only the calling greenlet wait. Anywhere else (a native
+thread such as the ChatKit loop's executor, gthread/sync workers, the CLI) the
+call already runs on a thread of its own and is made directly.
+
+Imports nothing of Flask.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..bridge.native import gevent_patched
+
+T = TypeVar("T")
+
+__all__ = ["offload", "on_gevent_hub"]
+
+
+def on_gevent_hub() -> bool:
+    """True when called from a greenlet of the thread that runs the gevent hub."""
+    if not gevent_patched():
+        return False
+    from gevent import monkey
+
+    hub_module = sys.modules.get("gevent._hub_local")
+    if hub_module is None:
+        return False
+    hub = hub_module.get_hub_if_exists()
+    if hub is None:
+        return False
+    current_ident = monkey.get_original("_thread", "get_ident")()
+    return bool(hub.thread_ident == current_ident)
+
+
+def offload(fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` on a native thread when on the gevent hub, else right here."""
+    if not on_gevent_hub():
+        return fn(*args)
+    import gevent
+
+    result: T = gevent.get_hub().threadpool.apply(fn, args)
+    return result
