@@ -138,7 +138,9 @@ def _limit_multipart(limit: int) -> None:
     if request.content_length is not None and request.content_length > bound:
         raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
     request.max_content_length = bound  # enforced on chunked bodies too
-    request.max_form_memory_size = 64 * 1024
+    # Werkzeug checks each 64 KiB read plus its unparsed tail against this, so it
+    # must exceed the read size or any file over ~64 KiB is refused.
+    request.max_form_memory_size = 256 * 1024
     request.max_form_parts = 16
 
 
