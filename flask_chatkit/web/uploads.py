@@ -41,6 +41,7 @@ from ..attachments import (
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
 from .errors import ChatKitHTTPException, method_not_allowed
+from .multipart import MultipartFile
 
 T = TypeVar("T")
 
@@ -132,23 +133,13 @@ def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
         yield chunk
 
 
-def _limit_multipart(limit: int) -> None:
-    """Refuse oversized multipart bodies before (and while) Werkzeug parses them."""
+def _limit_multipart(limit: int) -> MultipartFile:
+    """The body's ``file`` part, streamed; oversized bodies refused before and while read."""
     bound = limit + MULTIPART_OVERHEAD
     if request.content_length is not None and request.content_length > bound:
         raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
     request.max_content_length = bound  # enforced on chunked bodies too
-    # Werkzeug checks each 64 KiB read plus its unparsed tail against this, so it
-    # must exceed the read size or any file over ~64 KiB is refused.
-    request.max_form_memory_size = 256 * 1024
-    request.max_form_parts = 16
-
-
-def _multipart_file() -> Any:
-    upload = request.files.get("file")
-    if upload is None:
-        raise ChatKitHTTPException(400, "Expected a multipart form with a 'file' field.")
-    return upload
+    return MultipartFile(request.stream, request.content_type or "")
 
 
 # -- routes -------------------------------------------------------------------
@@ -160,11 +151,10 @@ def direct_upload() -> Response:
     call = _Call()
     if request.mimetype != "multipart/form-data":
         raise ChatKitHTTPException(415, "Send the file as multipart/form-data in a 'file' field.")
-    _limit_multipart(call.files.max_bytes)
-    upload = _multipart_file()
-    mime = call.files.check_mime(guess_mime(upload.filename, upload.mimetype))
+    upload = _limit_multipart(call.files.max_bytes)
+    mime = call.files.check_mime(guess_mime(upload.filename, upload.content_type))
     attachment_id = call.files.generate_attachment_id(mime, call.context)
-    size = call.store_body(attachment_id, _chunks(upload.stream), mime)
+    size = call.store_body(attachment_id, upload.chunks(), mime)
     attachment = build_attachment(
         attachment_id, upload.filename or "", mime, size=size, uploaded=True
     )
@@ -200,8 +190,7 @@ def _receive(call: _Call, attachment: AnyAttachment) -> int:
     limit = call.files.max_bytes
     expected = declared_size(attachment)
     if request.mimetype == "multipart/form-data":
-        _limit_multipart(limit)
-        chunks = _chunks(_multipart_file().stream)
+        chunks = _limit_multipart(limit).chunks()
     else:
         if request.content_length is not None and request.content_length > limit:
             raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
