@@ -21,23 +21,39 @@ from ..bridge.native import gevent_patched
 
 T = TypeVar("T")
 
-__all__ = ["offload", "on_gevent_hub"]
+__all__ = ["cooperate", "offload", "on_gevent_hub"]
+
+
+_native_get_ident: Callable[[], int] | None = None
 
 
 def on_gevent_hub() -> bool:
     """True when called from a greenlet of the thread that runs the gevent hub."""
+    global _native_get_ident
     if not gevent_patched():
         return False
-    from gevent import monkey
-
     hub_module = sys.modules.get("gevent._hub_local")
-    if hub_module is None:
-        return False
-    hub = hub_module.get_hub_if_exists()
+    hub = hub_module.get_hub_if_exists() if hub_module is not None else None
     if hub is None:
         return False
-    current_ident = monkey.get_original("_thread", "get_ident")()
-    return bool(hub.thread_ident == current_ident)
+    if _native_get_ident is None:
+        from gevent import monkey
+
+        _native_get_ident = monkey.get_original("_thread", "get_ident")
+    return bool(hub.thread_ident == _native_get_ident())
+
+
+def cooperate() -> None:
+    """Let the hub run other greenlets now (on the hub; a no-op anywhere else).
+
+    A fast client's request body is always ready, so socket reads never block
+    and never switch greenlets: a loop reading an upload must yield by itself or
+    it holds every stream of the worker until the whole body is in.
+    """
+    if on_gevent_hub():
+        import gevent
+
+        gevent.sleep(0)
 
 
 def offload(fn: Callable[..., T], *args: Any) -> T:

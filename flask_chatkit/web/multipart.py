@@ -23,6 +23,7 @@ from werkzeug.sansio.multipart import (
     MultipartDecoder,
 )
 
+from ..storage.offload import cooperate
 from .errors import ChatKitHTTPException
 
 READ_SIZE = 64 * 1024
@@ -51,6 +52,7 @@ class MultipartFile:
                 if event is NEED_DATA:
                     chunk = self._stream.read(READ_SIZE)
                     self._decoder.receive_data(chunk or None)
+                    cooperate()
                     continue
                 yield event
                 if isinstance(event, Epilogue):

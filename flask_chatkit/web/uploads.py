@@ -40,6 +40,7 @@ from ..attachments import (
 )
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
+from ..storage.offload import cooperate
 from .errors import ChatKitHTTPException, method_not_allowed
 from .multipart import MultipartFile
 
@@ -130,6 +131,7 @@ def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
         chunk = stream.read(CHUNK_SIZE)
         if not chunk:
             return
+        cooperate()  # a fast body never blocks the read: let other streams run
         yield chunk
 
 
