@@ -13,6 +13,7 @@ Imports nothing of Flask.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -21,7 +22,7 @@ from ..bridge.native import gevent_patched
 
 T = TypeVar("T")
 
-__all__ = ["cooperate", "offload", "on_gevent_hub"]
+__all__ = ["OffloadPool", "cooperate", "offload", "on_gevent_hub"]
 
 
 _native_get_ident: Callable[[], int] | None = None
@@ -54,6 +55,31 @@ def cooperate() -> None:
         import gevent
 
         gevent.sleep(0)
+
+
+class OffloadPool:
+    """A few native threads of its own for one kind of blocking work.
+
+    Work that is mostly Python (boto3 builds, signs and parses every request)
+    holds the GIL while it runs; eight such threads at once starve the hub's
+    thread of it. A small pool bounds that contention (and queues the rest
+    cooperatively). Made lazily in each process, on the hub's thread.
+    """
+
+    def __init__(self, size: int = 2) -> None:
+        self.size = size
+        self._pool: Any = None
+        self._pid = 0
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not on_gevent_hub():
+            return fn(*args)
+        if self._pool is None or self._pid != os.getpid():
+            from gevent.threadpool import ThreadPool
+
+            self._pool, self._pid = ThreadPool(self.size), os.getpid()
+        result: T = self._pool.apply(fn, args)
+        return result
 
 
 def offload(fn: Callable[..., T], *args: Any) -> T:

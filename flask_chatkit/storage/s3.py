@@ -9,9 +9,9 @@ adds no config keys of its own.
 Besides the blob-storage methods of :class:`~flask_chatkit.storage.disk.AttachmentStorage`
 it offers presigned URLs (two-phase uploads go straight to the bucket, previews
 redirect to it) and :meth:`S3Storage.stat`, which checks what a client put there.
-Every boto3 call made from a gevent greenlet runs on a native thread
-(:func:`~flask_chatkit.storage.offload.offload`): boto3 hashes and signs
-bodies in Python, which would otherwise stall every stream of the worker.
+Every boto3 call made from a gevent greenlet runs on one of a few native threads
+(:class:`~flask_chatkit.storage.offload.OffloadPool`): boto3 builds, hashes and
+signs requests in Python, which would otherwise stall every stream of the worker.
 Unreachable endpoints, a missing bucket and rejected credentials raise
 :class:`~flask_chatkit.storage.disk.StorageUnavailable` with the fix in the message.
 
@@ -23,13 +23,13 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import IO, Any, TypeVar
 from urllib.parse import quote, urlsplit
 
 from ..bridge.native import native_lock
 from .disk import AttachmentTooLarge, BlobInfo, StorageUnavailable, is_valid_attachment_id
-from .offload import offload
+from .offload import OffloadPool
 
 __all__ = ["BlobInfo", "S3Storage", "parse_s3_url"]
 
@@ -38,6 +38,10 @@ T = TypeVar("T")
 # S3's minimum part size is 5 MiB (all parts but the last); bigger parts mean
 # fewer round trips, smaller ones less memory per upload in flight.
 PART_SIZE = 8 * 1024 * 1024
+# boto3 calls made from gevent greenlets run on this many native threads per
+# process: enough to overlap network waits, few enough not to starve the hub of
+# the GIL (boto3 is mostly Python). Calls from other threads run where they are.
+THREADS = 2
 UPLOAD_URL_SECONDS = 300
 DOWNLOAD_URL_SECONDS = 60
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
@@ -94,6 +98,7 @@ class S3Storage:
         part_size: int = PART_SIZE,
         upload_url_seconds: int = UPLOAD_URL_SECONDS,
         download_url_seconds: int = DOWNLOAD_URL_SECONDS,
+        threads: int = THREADS,
     ) -> None:
         self.url = url
         self.bucket, self.prefix = parse_s3_url(url)
@@ -106,6 +111,7 @@ class S3Storage:
         self._client: Any = client
         self._client_pid = os.getpid()
         self._lock = native_lock()
+        self._threads = OffloadPool(threads)
         self._checked = False
         if client is None:
             try:
@@ -128,6 +134,11 @@ class S3Storage:
 
                     config = Config(
                         signature_version="s3v4",
+                        # botocore's default CRC32 of every body (binascii.crc32)
+                        # holds the GIL ~35 ms per 8 MiB part: it stalled the hub.
+                        # S3 does not require it; SigV4 still hashes the payload.
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required",
                         retries={"max_attempts": 3, "mode": "standard"},
                         connect_timeout=5,
                         read_timeout=30,
@@ -157,15 +168,15 @@ class S3Storage:
             hint = f"{type(exc).__name__}: {exc}"
         return StorageUnavailable(f"Attachment storage {self._describe()} is unavailable: {hint}")
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def _call(self, operation: str, **kwargs: Any) -> Any:
         """A boto3 call off the hub; outages and refusals become StorageUnavailable."""
         from botocore.exceptions import BotoCoreError, ClientError
 
-        def run() -> T:
-            return fn(*args, **kwargs)
+        def run() -> Any:  # the client too is made off the hub (it loads JSON models)
+            return getattr(self.client, operation)(**kwargs)
 
         try:
-            return offload(run)
+            return self._threads.run(run)
         except ClientError as exc:
             if _client_error_code(exc) in _UNAVAILABLE_CODES:
                 self._checked = False
@@ -175,6 +186,12 @@ class S3Storage:
             self._checked = False
             raise self._unavailable(exc) from None
 
+    def _ready_client(self) -> Any:
+        """The client, made off the hub when it does not exist yet (for presigning)."""
+        if self._client is None or self._client_pid != os.getpid():
+            self._threads.run(lambda: self.client)
+        return self.client
+
     def check(self) -> None:
         """HEAD the bucket once (until a later failure): a clear error on first use."""
         if self._checked:
@@ -182,7 +199,7 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            self._call(self.client.head_bucket, Bucket=self.bucket)
+            self._call("head_bucket", Bucket=self.bucket)
         except ClientError as exc:
             raise self._unavailable(exc) from None
         self._checked = True
@@ -215,7 +232,7 @@ class S3Storage:
                 if len(buffer) >= self.part_size:
                     if upload_id is None:
                         upload_id = self._call(
-                            self.client.create_multipart_upload,
+                            "create_multipart_upload",
                             Bucket=self.bucket,
                             Key=key,
                             ContentType=content_type,
@@ -224,7 +241,7 @@ class S3Storage:
                     buffer.clear()
             if upload_id is None:
                 self._call(
-                    self.client.put_object,
+                    "put_object",
                     Bucket=self.bucket,
                     Key=key,
                     Body=bytes(buffer),
@@ -234,7 +251,7 @@ class S3Storage:
             if buffer:
                 parts.append(self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
             self._call(
-                self.client.complete_multipart_upload,
+                "complete_multipart_upload",
                 Bucket=self.bucket,
                 Key=key,
                 UploadId=upload_id,
@@ -248,7 +265,7 @@ class S3Storage:
 
     def _upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
         answer = self._call(
-            self.client.upload_part,
+            "upload_part",
             Bucket=self.bucket,
             Key=key,
             UploadId=upload_id,
@@ -260,17 +277,13 @@ class S3Storage:
     def _abort(self, key: str, upload_id: str) -> None:
         # On failure the bucket's lifecycle rules reclaim the abandoned upload.
         with contextlib.suppress(Exception):
-            self._call(
-                self.client.abort_multipart_upload, Bucket=self.bucket, Key=key, UploadId=upload_id
-            )
+            self._call("abort_multipart_upload", Bucket=self.bucket, Key=key, UploadId=upload_id)
 
     def open(self, attachment_id: str) -> IO[bytes]:
         from botocore.exceptions import ClientError
 
         try:
-            answer = self._call(
-                self.client.get_object, Bucket=self.bucket, Key=self.key(attachment_id)
-            )
+            answer = self._call("get_object", Bucket=self.bucket, Key=self.key(attachment_id))
         except ClientError as exc:
             if _client_error_code(exc) in ("NoSuchKey", "404"):
                 raise FileNotFoundError(attachment_id) from None
@@ -279,7 +292,7 @@ class S3Storage:
         return body
 
     def delete(self, attachment_id: str) -> None:
-        self._call(self.client.delete_object, Bucket=self.bucket, Key=self.key(attachment_id))
+        self._call("delete_object", Bucket=self.bucket, Key=self.key(attachment_id))
 
     def exists(self, attachment_id: str) -> bool:
         return self.stat(attachment_id) is not None
@@ -289,9 +302,7 @@ class S3Storage:
         from botocore.exceptions import ClientError
 
         try:
-            head = self._call(
-                self.client.head_object, Bucket=self.bucket, Key=self.key(attachment_id)
-            )
+            head = self._call("head_object", Bucket=self.bucket, Key=self.key(attachment_id))
         except ClientError as exc:
             if _client_error_code(exc) in ("NoSuchKey", "404"):
                 return None
@@ -314,7 +325,7 @@ class S3Storage:
         self, attachment_id: str, content_type: str, size: int
     ) -> tuple[str, dict[str, str]]:
         """A PUT URL signed for exactly this content type and length, and the headers to send."""
-        url = self.client.generate_presigned_url(
+        url = self._ready_client().generate_presigned_url(
             "put_object",
             Params={
                 "Bucket": self.bucket,
@@ -339,7 +350,7 @@ class S3Storage:
             "ResponseCacheControl": f"private, max-age={self.download_url_seconds}",
         }
         return str(
-            self.client.generate_presigned_url(
+            self._ready_client().generate_presigned_url(
                 "get_object", Params=params, ExpiresIn=self.download_url_seconds
             )
         )
