@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,10 @@ from .bridge.loop import LoopThread
 from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
+from .storage.version import SchemaOutdated
+from .web.errors import ChatKitHTTPException
+
+logger = logging.getLogger("flask_chatkit")
 
 if TYPE_CHECKING:
     from .extension import ChatKit
@@ -28,6 +33,7 @@ class ChatKitState:
     loop_thread: LoopThread
     _schema_ready: bool = False
     _schema_lock: Any = field(default_factory=native_lock)
+    _schema_logged: set[str] = field(default_factory=set)
 
     @property
     def context_loader(self) -> ContextLoader:
@@ -39,15 +45,44 @@ class ChatKitState:
         return self.extension.custom_context_loader is None
 
     def ensure_schema(self) -> None:
-        """Create the store's tables on first use (CHATKIT_CREATE_TABLES)."""
+        """Create the store's tables on first use (CHATKIT_CREATE_TABLES).
+
+        A schema older than the code is a JSON 500 ``misconfigured`` (logged once,
+        naming the fix), re-checked at each request until it is fixed.
+        """
         if self._schema_ready:
             return
         with self._schema_lock:
             if not self._schema_ready:
                 create_all = getattr(self.store, "create_all", None)
-                if self.settings.create_tables and callable(create_all):
-                    create_all()
+                try:
+                    if self.settings.create_tables and callable(create_all):
+                        create_all()
+                    check_schema_version(self.store)
+                except SchemaOutdated as exc:
+                    raise schema_outdated_error(exc, self._schema_logged) from None
                 self._schema_ready = True
+
+
+def check_schema_version(store: Any) -> None:
+    """The store's own schema check, when it has one (``SQLAlchemyStore.check_schema``)."""
+    check = getattr(store, "check_schema", None)
+    if callable(check):
+        check()
+
+
+def schema_outdated_error(exc: Exception, logged: set[str]) -> ChatKitHTTPException:
+    """JSON 500 ``misconfigured`` for a schema older than the code; the log names the fix."""
+    line = f"flask-chatkit is misconfigured: {exc}"
+    if line not in logged:
+        logged.add(line)
+        logger.error(line)
+    return ChatKitHTTPException(
+        500,
+        "The ChatKit server is misconfigured: its database schema is older than the code. "
+        "The server log names the fix.",
+        "misconfigured",
+    )
 
 
 def get_state(app: Flask | None = None) -> ChatKitState:

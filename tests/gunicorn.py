@@ -74,7 +74,11 @@ def start_gunicorn(
     worker_class: str = "gevent",
     workers: int = 1,
     extra_args: list[str] | None = None,
+    graceful_timeout: float | None = 5,
+    cwd: Path = ROOT,
 ) -> Iterator[RunningServer]:
+    """``graceful_timeout=None`` keeps gunicorn's default; a ``cwd`` without a
+    ``gunicorn.conf.py`` runs gunicorn with no config file at all."""
     port = free_port()
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
@@ -85,8 +89,7 @@ def start_gunicorn(
         str(workers),
         "--bind",
         f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "5",
+        *(["--graceful-timeout", f"{graceful_timeout:g}"] if graceful_timeout is not None else []),
         "--timeout",
         "60",
         "--worker-connections",
@@ -98,7 +101,7 @@ def start_gunicorn(
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     child_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, proc)
         yield RunningServer(f"http://127.0.0.1:{port}", port, proc, log_path)
