@@ -25,9 +25,8 @@ for the declared type and size, and the first message naming the attachment
 checks the object (409 until it is there; a mismatching object is deleted).
 
 URLs are never stored absolute: rows and items keep ``chatkit-app:///…`` paths
-relative to the blueprint, and :func:`url_rewriter` turns them into absolute
-URLs on a trusted base (``CHATKIT_PUBLIC_URL``, else ``SERVER_NAME``, else the
-request's host) as responses are served.
+relative to the blueprint, made absolute as responses are served
+(:mod:`flask_chatkit.web.urls`).
 
 Limits and allowed types default to the app's ``CHATKIT_*`` settings, read at
 request time, so one ``FileAttachmentStore`` may serve several apps.
@@ -36,14 +35,13 @@ request time, so one ``FileAttachmentStore`` may serve several apps.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import mimetypes
 import re
 import threading
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from chatkit.store import AttachmentStore, Store
@@ -53,7 +51,7 @@ from chatkit.types import (
     FileAttachment,
     ImageAttachment,
 )
-from flask import Flask, current_app, has_app_context, has_request_context, request
+from flask import Flask, current_app, has_app_context
 from pydantic import AnyUrl
 
 from .config import Settings, read_settings
@@ -65,6 +63,7 @@ from .storage.disk import (
     is_valid_attachment_id,
 )
 from .web.errors import ChatKitHTTPException
+from .web.urls import content_url, upload_url
 
 logger = logging.getLogger("flask_chatkit")
 
@@ -125,44 +124,6 @@ def is_uploaded(attachment: AnyAttachment) -> bool:
 def declared_size(attachment: AnyAttachment) -> int | None:
     size = (attachment.metadata or {}).get("size")
     return size if isinstance(size, int) else None
-
-
-# Stored URLs of this app's routes: relative to the blueprint, made absolute when served.
-APP_URL = "chatkit-app:///"
-_APP_URL_JSON = b'"' + APP_URL.encode()
-
-
-def content_url(attachment_id: str) -> str:
-    return f"{APP_URL}attachments/{attachment_id}/content"
-
-
-def upload_url(attachment_id: str) -> str:
-    return f"{APP_URL}attachments/{attachment_id}/upload"
-
-
-def public_base(settings: Settings) -> str:
-    """The absolute URL of the blueprint, from a trusted base when one is configured."""
-    config = current_app.config
-    if settings.public_url:
-        base = settings.public_url
-    elif config.get("SERVER_NAME"):
-        root = str(config.get("APPLICATION_ROOT") or "/").rstrip("/")
-        base = f"{config.get('PREFERRED_URL_SCHEME') or 'http'}://{config['SERVER_NAME']}{root}"
-    elif has_request_context():
-        base = request.url_root.rstrip("/")
-    else:
-        base = ""
-    return base + settings.url_prefix
-
-
-def url_rewriter(settings: Settings) -> Callable[[bytes], bytes]:
-    """A function making stored ``chatkit-app:///`` URLs in a JSON body absolute."""
-    replacement = b'"' + json.dumps(public_base(settings) + "/")[1:-1].encode()
-
-    def rewrite(body: bytes) -> bytes:
-        return body.replace(_APP_URL_JSON, replacement) if _APP_URL_JSON in body else body
-
-    return rewrite
 
 
 def build_attachment(

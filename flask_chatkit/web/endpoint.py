@@ -22,7 +22,7 @@ from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
 from flask import Blueprint, Response, g, request, stream_with_context
 from werkzeug.exceptions import HTTPException
 
-from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet, url_rewriter
+from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet
 from ..bridge.loop import Failure
 from ..bridge.stream import Stream
 from ..context import require_login
@@ -44,6 +44,7 @@ from .protocol import (
     serialize_request,
 )
 from .security import apply_cors, check_origin, preflight_response
+from .urls import url_rewriter
 
 logger = logging.getLogger("flask_chatkit")
 

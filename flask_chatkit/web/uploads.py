@@ -36,13 +36,13 @@ from ..attachments import (
     is_uploaded,
     mark_uploaded,
     normalize_mime,
-    url_rewriter,
 )
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
 from ..storage.offload import cooperate
 from .errors import ChatKitHTTPException, method_not_allowed
 from .multipart import MultipartFile
+from .urls import url_rewriter
 
 T = TypeVar("T")
 
