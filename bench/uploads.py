@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import os
 import shutil
 import socket
@@ -80,7 +81,7 @@ class Result:
 
 
 def gaps_ms(arrivals: list[float]) -> tuple[float, float]:
-    gaps = sorted((b - a) * 1000 for a, b in zip(arrivals, arrivals[1:], strict=False))
+    gaps = sorted((b - a) * 1000 for a, b in itertools.pairwise(arrivals))
     if not gaps:
         return float("nan"), float("nan")
     return gaps[-1], gaps[min(len(gaps) - 1, int(len(gaps) * 0.99))]

@@ -59,7 +59,7 @@ def test_stream_gap_stays_small_during_uploads(
         "CHATKIT_MAX_ATTACHMENT_BYTES": str(SIZE),
         "CHATKIT_ALLOWED_MIME_TYPES": "application/octet-stream",
         "GEVENT_MONITOR_THREAD_ENABLE": os.environ.get("GEVENT_MONITOR_THREAD_ENABLE", ""),
-        "GEVENT_MAX_BLOCKING_TIME": "0.04",
+        "GEVENT_MAX_BLOCKING_TIME": "0.02",
     }
     if storage == "s3":
         server = request.getfixturevalue("s3_server")
