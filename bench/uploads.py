@@ -4,7 +4,7 @@ For each storage (files on disk; an S3 bucket on a local moto server process)
 one ``gunicorn -k gevent`` worker serves flask-chatkit while
 
 1. one client streams a reply (a delta every 10 ms) — alone first (baseline),
-   then while ``--uploads`` clients (curl processes) each upload ``--size`` MiB
+   then while ``--uploads`` clients (one process each) upload ``--size`` MiB
    through ``POST /chatkit/attachments`` at once;
 2. the same file is read back through ``GET …/content`` (disk: streamed by the
    worker; S3: a 302 to a presigned GET, followed).
@@ -20,9 +20,7 @@ import argparse
 import contextlib
 import itertools
 import os
-import shutil
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -38,6 +36,7 @@ import requests
 from tests.gunicorn import RunningServer, start_gunicorn
 from tests.http_client import user_input
 from tests.reliability.conftest import DELTA, StreamReader, abort, raw_request
+from tests.upload_client import release, start_uploads
 
 APP_SPEC = "bench.uploads:upload_app()"
 STREAM_DELAY = 0.01
@@ -122,20 +121,15 @@ class NeighbourStream:
         abort(self.reader.sock)
 
 
-def curl_uploads(url: str, source: Path, count: int) -> float:
-    """``count`` simultaneous uploads of ``source``; returns the elapsed seconds."""
+def run_uploads(url: str, source: Path, count: int) -> float:
+    """``count`` simultaneous uploads of ``source``, each from a process of its own
+    (started first, released together); returns the elapsed seconds."""
+    procs = start_uploads(f"{url}/chatkit/attachments", str(source), count)
+    time.sleep(0.5)  # their interpreters have started
     started = time.monotonic()
-    procs = [
-        subprocess.Popen(
-            ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "300",
-             "-F", f"file=@{source};type=application/octet-stream;filename=f{i}.bin",
-             f"{url}/chatkit/attachments"],
-            stdout=subprocess.PIPE)
-        for i in range(count)
-    ]
-    codes = [proc.communicate(timeout=320)[0].decode() for proc in procs]
+    codes = release(procs, timeout=320)
     elapsed = time.monotonic() - started
-    if codes != ["200"] * count:
+    if codes != [200] * count:
         raise RuntimeError(f"uploads failed: {codes}")
     return elapsed
 
@@ -189,15 +183,15 @@ def measure(tmp: Path, storage: str, size_mib: int, uploads: int,
     if not source.exists() or source.stat().st_size != size:
         source.write_bytes(os.urandom(size))
     with serving(tmp, storage, size, s3_env, bucket) as server:
-        curl_uploads(server.url, source, 1)  # warm-up: imports, first connections
-        single = size_mib / curl_uploads(server.url, source, 1)
+        run_uploads(server.url, source, 1)  # warm-up: imports, first connections
+        single = size_mib / run_uploads(server.url, source, 1)
         stream = NeighbourStream(server)
         stream.thread.start()
         time.sleep(1.0)
         base_start = time.monotonic()
         time.sleep(2.0)
         base_end = time.monotonic()
-        elapsed = curl_uploads(server.url, source, uploads)
+        elapsed = run_uploads(server.url, source, uploads)
         load_end = base_end + elapsed
         stream.close()
         read_mib_s, how = read_back(server.url, source, size)
@@ -209,7 +203,7 @@ def measure(tmp: Path, storage: str, size_mib: int, uploads: int,
 
 def render(results: list[Result], uploads: int, size_mib: int) -> str:
     head = (f"Uploads: {uploads} x {size_mib} MiB at once through POST /chatkit/attachments "
-            f"(curl), one gunicorn -k gevent worker; neighbour stream: a delta every "
+            f"(one process each), one gunicorn -k gevent worker; neighbour stream: a delta every "
             f"{STREAM_DELAY * 1000:.0f} ms")
     rows = [["storage", "1 upload MiB/s", f"{uploads} uploads MiB/s", "gap max/p99 idle ms",
              "gap max/p99 uploading ms", "read-back MiB/s", "read-back"]]
@@ -234,9 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.uploads, args.size = 4, 5
-    if shutil.which("curl") is None:
-        print("bench.uploads needs curl", file=sys.stderr)
-        return 2
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="chatkit-bench-uploads-") as name:
         tmp = Path(name)

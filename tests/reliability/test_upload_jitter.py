@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.gunicorn import start_gunicorn
+from tests.upload_client import release, start_uploads
 
 from .conftest import APP_SPEC, DELTA, StreamReader, abort, login, raw_request, user_input
 
@@ -82,25 +82,19 @@ def test_stream_gap_stays_small_during_uploads(
             time.sleep(0.01)
         assert window, "the stream never started"
 
-        # curl processes, so the uploads cost this process (the stream reader) no GIL time.
+        # Uploader processes (started before, released together), so the uploads
+        # cost this process (the stream reader) no GIL time.
         source = tmp_path / "payload.bin"
         source.write_bytes(payload)
+        uploaders = start_uploads(f"{app.url}/chatkit/attachments", str(source), UPLOADS, cookie)
+        time.sleep(0.5)  # their interpreters have started
         started = time.monotonic()
-        curls = [
-            subprocess.Popen(
-                ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "120",
-                 "-H", f"Cookie: {cookie}",
-                 "-F", f"file=@{source};type=application/octet-stream;filename=f{i}.bin",
-                 f"{app.url}/chatkit/attachments"],
-                stdout=subprocess.PIPE)
-            for i in range(UPLOADS)
-        ]
-        results = [(int(proc.communicate(timeout=150)[0] or 0), None) for proc in curls]
+        statuses = release(uploaders, timeout=150)
         finished = time.monotonic()
         stop.set()
         reader.join(timeout=30)
 
-        assert [status for status, _ in results] == [200] * UPLOADS, results
+        assert statuses == [200] * UPLOADS, statuses
         during = [t for t in arrivals if started <= t <= finished]
         assert len(during) >= 10, f"only {len(during)} deltas during {finished - started:.1f}s"
         gaps = [b - a for a, b in itertools.pairwise(during)]
