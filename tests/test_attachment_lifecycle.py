@@ -178,9 +178,16 @@ def test_urls_come_from_the_public_url_and_are_not_stored_absolute(tmp_path: Pat
     assert uploaded.status_code == 200
     assert uploaded.get_json()["preview_url"] == f"{base}/content"
     web.post("/login/alice")
-    ChatKitClient(web).send(
+    events = ChatKitClient(web).send(
         {"type": "threads.create", "params": {"input": user_input("pic", [created["id"]])}}
     )
+    streamed = [
+        str(a.preview_url)
+        for e in events
+        if e.type == "thread.item.done"
+        for a in getattr(e.item, "attachments", [])
+    ]
+    assert streamed == [f"{base}/content"]  # the SSE stream is rewritten too
 
     engine = sa.create_engine(f"sqlite:///{tmp_path / 'db.sqlite3'}")
     with engine.connect() as conn:
