@@ -263,7 +263,7 @@ class FileAttachmentStore(AttachmentStore[Any]):
         descriptor = None
         presigning = self.presigning
         if presigning is not None:  # the bytes go straight to the bucket
-            await asyncio.to_thread(presigning.check)  # 503 now, not a failed PUT later
+            await asyncio.to_thread(presigning.ready)  # 503 now, not a failed PUT later
             url, headers = presigning.presign_upload(attachment_id, mime, input.size)
             descriptor = AttachmentUploadDescriptor(url=AnyUrl(url), method="PUT", headers=headers)
         return build_attachment(

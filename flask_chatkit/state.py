@@ -21,6 +21,7 @@ logger = logging.getLogger("flask_chatkit")
 
 if TYPE_CHECKING:
     from .extension import ChatKit
+    from .telemetry import Telemetry
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ChatKitState:
     attachment_store: AttachmentStore[Any] | None
     settings: Settings
     loop_thread: LoopThread
+    telemetry: Telemetry | None = None  # set when OpenTelemetry is configured
     _schema_ready: bool = False
     _schema_lock: Any = field(default_factory=native_lock)
     _schema_logged: set[str] = field(default_factory=set)

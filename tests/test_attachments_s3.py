@@ -254,3 +254,19 @@ def test_bad_credentials_are_named(
     broken = S3Storage(f"s3://{s3_bucket}")
     with pytest.raises(StorageUnavailable, match=s3_bucket):
         broken.check()
+
+
+def test_health_checks_the_bucket(
+    s3_app: Flask, s3_server: S3Server, s3_bucket: str, tmp_path: Path
+) -> None:
+    ok = s3_app.test_client().get("/chatkit/health")
+    assert ok.status_code == 200, ok.get_data(as_text=True)
+    assert ok.get_json()["checks"]["attachments"] == "ok"
+    missing = create_test_app(
+        instance_path=str(tmp_path / "other"),
+        CHATKIT_DATABASE_URL=f"sqlite:///{tmp_path / 'other.sqlite3'}",
+        CHATKIT_ATTACHMENTS_URL="s3://gone-bucket-here",
+    )
+    down = missing.test_client().get("/chatkit/health")
+    assert down.status_code == 503
+    assert down.get_json()["checks"]["attachments"] == "unavailable"

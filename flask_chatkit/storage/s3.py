@@ -193,9 +193,7 @@ class S3Storage:
         return self.client
 
     def check(self) -> None:
-        """HEAD the bucket once (until a later failure): a clear error on first use."""
-        if self._checked:
-            return
+        """HEAD the bucket now (the health route): StorageUnavailable, with the fix, if unusable."""
         from botocore.exceptions import ClientError
 
         try:
@@ -203,6 +201,11 @@ class S3Storage:
         except ClientError as exc:
             raise self._unavailable(exc) from None
         self._checked = True
+
+    def ready(self) -> None:
+        """:meth:`check` on first use and again after any failure; a no-op otherwise."""
+        if not self._checked:
+            self.check()
 
     # -- AttachmentStorage -------------------------------------------------------
     def save(
@@ -218,7 +221,7 @@ class S3Storage:
         upload is aborted and nothing is stored.
         """
         key = self.key(attachment_id)
-        self.check()
+        self.ready()
         buffer = bytearray()
         total = 0
         upload_id: str | None = None

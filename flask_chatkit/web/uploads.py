@@ -42,6 +42,7 @@ from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
 from ..storage.offload import cooperate
 from .errors import ChatKitHTTPException, method_not_allowed
 from .multipart import MultipartFile
+from .observe import attachment_stored
 from .urls import url_rewriter
 
 T = TypeVar("T")
@@ -102,6 +103,7 @@ class _Call:
         except BaseException:
             self.files.storage.delete(attachment.id)
             raise
+        attachment_stored(attachment.id, declared_size(attachment), self.context)
 
     def store_body(self, attachment_id: str, chunks: Iterator[bytes], mime: str) -> int:
         limit = self.files.max_bytes
@@ -182,6 +184,7 @@ def upload(attachment_id: str) -> Response:
         call.run(lambda: call.files.release_upload(attachment_id, call.context))
         call.files.storage.delete(attachment_id)
         raise
+    attachment_stored(attachment_id, size, call.context)
     return call.json(uploaded)
 
 
