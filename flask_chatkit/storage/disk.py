@@ -135,7 +135,7 @@ def sweep_partial_uploads(directory: str) -> list[str]:
     removed: list[str] = []
     try:
         names = os.listdir(directory)
-    except FileNotFoundError:
+    except OSError:  # missing or unusable: nothing to sweep (the health check names it)
         return removed
     now = time.time()
     for name in names:
@@ -149,7 +149,7 @@ def sweep_partial_uploads(directory: str) -> list[str]:
             if pid != os.getpid() and (stale or not _process_alive(pid)):
                 os.unlink(path)
                 removed.append(name)
-        except FileNotFoundError:
+        except OSError:
             continue
     if removed:
         logger.info("removed %d interrupted upload(s) from %s", len(removed), directory)
