@@ -203,12 +203,6 @@ class DiskStorage:
     def open(self, attachment_id: str) -> IO[bytes]:
         return open(self.path(attachment_id), "rb")
 
-    def size(self, attachment_id: str) -> int | None:
-        try:
-            return os.stat(self.path(attachment_id)).st_size
-        except FileNotFoundError:
-            return None
-
     def delete(self, attachment_id: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.path(attachment_id))

@@ -3,10 +3,11 @@
 Under ``gunicorn -k gevent`` every request is a greenlet on one OS thread (the
 hub's). A disk write, an ``fsync`` or a boto3 call (which hashes and signs the
 whole body before sending it) blocks that thread, and with it every stream of
-the worker. :func:`offload` hands such a call to gevent's pool of *native*
-threads and lets only the calling greenlet wait. Anywhere else (a native
-thread such as the ChatKit loop's executor, gthread/sync workers, the CLI) the
-call already runs on a thread of its own and is made directly.
+the worker. :class:`OffloadPool` hands such a call to a few *native* threads of
+its own and lets only the calling greenlet wait. Anywhere else (a native thread
+such as the ChatKit loop's executor, gthread/sync workers, the CLI) the call
+already runs on a thread of its own and is made directly. :func:`cooperate`
+lets a greenlet that reads a fast request body give the others their turn.
 
 Imports nothing of Flask.
 """
@@ -22,7 +23,7 @@ from ..bridge.native import gevent_patched
 
 T = TypeVar("T")
 
-__all__ = ["OffloadPool", "cooperate", "offload", "on_gevent_hub"]
+__all__ = ["OffloadPool", "cooperate", "on_gevent_hub"]
 
 
 _native_get_ident: Callable[[], int] | None = None
@@ -80,13 +81,3 @@ class OffloadPool:
             self._pool, self._pid = ThreadPool(self.size), os.getpid()
         result: T = self._pool.apply(fn, args)
         return result
-
-
-def offload(fn: Callable[..., T], *args: Any) -> T:
-    """``fn(*args)`` on a native thread when on the gevent hub, else right here."""
-    if not on_gevent_hub():
-        return fn(*args)
-    import gevent
-
-    result: T = gevent.get_hub().threadpool.apply(fn, args)
-    return result

@@ -23,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterable, Iterator
-from typing import IO, Any, TypeVar
+from collections.abc import Iterable
+from typing import IO, Any
 from urllib.parse import quote, urlsplit
 
 from ..bridge.native import native_lock
@@ -33,7 +33,6 @@ from .offload import OffloadPool
 
 __all__ = ["BlobInfo", "S3Storage", "parse_s3_url"]
 
-T = TypeVar("T")
 
 # S3's minimum part size is 5 MiB (all parts but the last); bigger parts mean
 # fewer round trips, smaller ones less memory per upload in flight.
@@ -311,17 +310,6 @@ class S3Storage:
                 return None
             raise
         return BlobInfo(int(head["ContentLength"]), str(head.get("ContentType") or ""))
-
-    def size(self, attachment_id: str) -> int | None:
-        info = self.stat(attachment_id)
-        return info.size if info is not None else None
-
-    def iter_ids(self) -> Iterator[str]:
-        """Every attachment id with an object under the prefix (for audits and tests)."""
-        paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=self.prefix):
-            for entry in page.get("Contents", []):
-                yield str(entry["Key"])[len(self.prefix) :]
 
     # -- presigned URLs (signing is local: no network call) ----------------------
     def presign_upload(
