@@ -172,6 +172,8 @@ class S3Storage:
         from botocore.exceptions import BotoCoreError, ClientError
 
         def run() -> Any:  # the client too is made off the hub (it loads JSON models)
+            if isinstance(kwargs.get("Body"), list):  # chunks: joined here, not on the hub
+                kwargs["Body"] = b"".join(kwargs["Body"])
             return getattr(self.client, operation)(**kwargs)
 
         try:
@@ -221,7 +223,10 @@ class S3Storage:
         """
         key = self.key(attachment_id)
         self.ready()
-        buffer = bytearray()
+        # A list of chunks, not a growing bytearray: its reallocations copied each
+        # part many times over on the hub's thread.
+        buffer: list[bytes] = []
+        buffered = 0
         total = 0
         upload_id: str | None = None
         parts: list[dict[str, Any]] = []
@@ -230,8 +235,9 @@ class S3Storage:
                 total += len(chunk)
                 if total > max_bytes:
                     raise AttachmentTooLarge(max_bytes)
-                buffer += chunk
-                if len(buffer) >= self.part_size:
+                buffer.append(chunk)
+                buffered += len(chunk)
+                if buffered >= self.part_size:
                     if upload_id is None:
                         upload_id = self._call(
                             "create_multipart_upload",
@@ -239,19 +245,19 @@ class S3Storage:
                             Key=key,
                             ContentType=content_type,
                         )["UploadId"]
-                    parts.append(self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
-                    buffer.clear()
+                    parts.append(self._upload_part(key, upload_id, len(parts) + 1, buffer))
+                    buffer, buffered = [], 0
             if upload_id is None:
                 self._call(
                     "put_object",
                     Bucket=self.bucket,
                     Key=key,
-                    Body=bytes(buffer),
+                    Body=buffer,
                     ContentType=content_type,
                 )
                 return total
             if buffer:
-                parts.append(self._upload_part(key, upload_id, len(parts) + 1, bytes(buffer)))
+                parts.append(self._upload_part(key, upload_id, len(parts) + 1, buffer))
             self._call(
                 "complete_multipart_upload",
                 Bucket=self.bucket,
@@ -265,7 +271,9 @@ class S3Storage:
             if upload_id is not None:  # failed or too large: leave nothing behind
                 self._abort(key, upload_id)
 
-    def _upload_part(self, key: str, upload_id: str, number: int, body: bytes) -> dict[str, Any]:
+    def _upload_part(
+        self, key: str, upload_id: str, number: int, body: list[bytes]
+    ) -> dict[str, Any]:
         answer = self._call(
             "upload_part",
             Bucket=self.bucket,
