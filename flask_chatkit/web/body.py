@@ -16,7 +16,7 @@ once, after the stream has ended, in the thread or greenlet that served the requ
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from flask.globals import _cv_app, _cv_request
 
@@ -24,10 +24,14 @@ from ..bridge.stream import Stream
 
 
 class ContextKeepingBody:
-    """The WSGI iterable of a ChatKit stream; create it inside the view."""
+    """The WSGI iterable of a ChatKit stream; create it inside the view.
 
-    def __init__(self, stream: Stream) -> None:
+    ``rewrite`` is applied to each write (stored relative attachment URLs made absolute).
+    """
+
+    def __init__(self, stream: Stream, rewrite: Callable[[bytes], bytes]) -> None:
         self._stream = stream
+        self._rewrite = rewrite
         self._app_ctx = _cv_app.get()
         self._request_ctx = _cv_request.get()
         # One more push of each: the view's own pops are then not the last ones.
@@ -37,7 +41,8 @@ class ContextKeepingBody:
 
     def __iter__(self) -> Iterator[bytes]:
         try:
-            yield from self._stream
+            for write in self._stream:
+                yield self._rewrite(write)
         finally:  # read to the end (a test client may never call close())
             self.close()
 
