@@ -10,7 +10,7 @@ import collections
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterable, Callable, Iterator
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,8 +39,20 @@ def error_event_bytes() -> bytes:
     return b"data: " + event.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 
+@dataclass(frozen=True)
+class Plain:
+    """What a ``prepare`` step returns when there is nothing to stream (a plain result)."""
+
+    value: Any
+
+
+# Run on the loop by the stream's own task before it pumps: returns the source to
+# stream, or a Plain result that ends the stream at once (see Stream.start).
+Prepare = Callable[[], Awaitable["AsyncIterable[bytes] | Plain"]]
+
+
 def _is_final(item: Any) -> bool:
-    return item is _END or item is _CANCELLED or isinstance(item, Failure)
+    return item is _END or item is _CANCELLED or isinstance(item, Failure | Plain)
 
 
 OnDisconnect = Literal["cancel", "finish"]
@@ -102,7 +114,7 @@ class Stream:
     def __init__(
         self,
         loop_thread: LoopThread,
-        source: AsyncIterable[bytes],
+        source: AsyncIterable[bytes] | None,
         context: contextvars.Context,
         *,
         heartbeat: float,
@@ -119,6 +131,7 @@ class Stream:
         self._cancel_timeout = cancel_timeout
         self._on_disconnect = on_disconnect
         self._channel = new_channel()
+        self._prepare: Prepare | None = None
         self._task: asyncio.Task[None] | None = None
         self._detached = False  # the reader left and the pump should stop queuing
         self._finished = False
@@ -137,18 +150,42 @@ class Stream:
         self._parked = False  # the pump waits on _drained (read by the reader)
         self._cancelling = False  # a cancel was re-aimed at ChatKit: never park again
 
-    def start(self) -> None:
+    def start(self, prepare: Prepare | None = None) -> None:
+        """Schedule the stream's task on the loop.
+
+        With ``prepare`` the same task first awaits it (e.g. checks and
+        ``server.process()``) and then pumps the source it returns: one hop to
+        the loop and one wake-up back for the first chunk, a failure of
+        ``prepare`` or a :class:`Plain` result, instead of a round trip for the
+        result and another one for the first chunk.
+        """
+        self._prepare = prepare
         self._loop_thread.call_soon(self._create_task, context=self._context)
 
     def _create_task(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._pump())
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        if self._prepare is not None:
+            try:
+                prepared = await self._prepare()
+            except BaseException as exc:  # no byte sent yet: the reader raises it
+                self._channel.put(Failure(exc))
+                return
+            if isinstance(prepared, Plain):
+                self._channel.put(prepared)
+                return
+            self._source = prepared
         # A stopping worker cancels it in time to save the partial reply (lifecycle.py).
+        assert self._task is not None
         self._loop_thread.open_streams.add(self._task)
+        await self._pump()
 
     async def _pump(self) -> None:
         # StreamingResult only re-yields its generator: iterate that directly
         # (one async-generator hop less per event).
         source = getattr(self._source, "json_events", self._source)
+        assert source is not None
         try:
             async for chunk in source:  # per event: the hand-over and a byte count
                 if self._detached:
@@ -217,6 +254,8 @@ class Stream:
             asyncio.get_running_loop().run_in_executor(None, self._end, outcome, exc)
 
     def _outcome_of(self, item: Any) -> tuple[Outcome, BaseException | None]:
+        if isinstance(item, Plain):
+            return "finished", None
         if isinstance(item, Failure):
             return "failed", item.exc
         if item is _CANCELLED:
@@ -236,11 +275,12 @@ class Stream:
         except Exception:
             logger.exception("ChatKit stream end callback failed")
 
-    def _next_write(self) -> bytes | Failure | None:
+    def _next_write(self) -> bytes | Failure | Plain | None:
         """Everything that is ready, joined into one write; None at the end.
 
-        Silence for a heartbeat interval yields a ping; a failure is returned
-        as is once the chunks before it have been written.
+        Silence for a heartbeat interval yields a ping; a failure (or a
+        ``prepare`` step's plain result) is returned as is once the chunks
+        before it have been written.
         """
         while True:
             if self._queued:
@@ -248,7 +288,7 @@ class Stream:
                 if _is_final(item):
                     self._finished = True
                     self._final = item  # reported by close(), after the last write
-                    return item if isinstance(item, Failure) else None
+                    return item if isinstance(item, Failure | Plain) else None
                 chunks = [item]
                 while self._queued and isinstance(self._queued[0], bytes):
                     chunks.append(self._queued.popleft())
@@ -266,8 +306,11 @@ class Stream:
             self._taken(batch)
             self._queued.extend(batch)
 
-    def first(self) -> bytes | Failure | None:
-        """The first write, so a failure before any byte can become an HTTP error."""
+    def first(self) -> bytes | Failure | Plain | None:
+        """The first write, so a failure before any byte can become an HTTP error.
+
+        After ``start(prepare)`` it may also be the plain result of ``prepare``.
+        """
         write = self._next_write()
         stats = self.stats
         stats.first_event = time.monotonic()
@@ -282,7 +325,7 @@ class Stream:
         try:
             while not self._finished or self._queued:
                 write = self._next_write()
-                if write is None:
+                if write is None or isinstance(write, Plain):
                     return
                 if isinstance(write, Failure):
                     self._end("failed", write.exc)  # before the write a gone client may stop

@@ -13,17 +13,18 @@ import contextvars
 import logging
 import re
 import uuid
+from collections.abc import AsyncIterable
 from typing import Any
 
 from chatkit.server import StreamingResult
 from chatkit.store import AttachmentStore, NotFoundError, Store
-from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
+from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq, is_streaming_req
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet
 from ..bridge.loop import Failure
-from ..bridge.stream import Stream
+from ..bridge.stream import Plain, Stream
 from ..context import require_login
 from ..state import ChatKitState, get_state
 from .body import ContextKeepingBody
@@ -176,33 +177,61 @@ def run_chatkit_request(
         await check_sdk_preconditions(state.server.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
-    result = state.loop_thread.run(start, ctx)
     # Stored attachment URLs are relative; they become absolute on a trusted base here.
     rewrite = url_rewriter(settings=state.settings)
-    if not isinstance(result, StreamingResult):
-        observer.responded(200)
-        return Response(rewrite(result.json), mimetype="application/json")
+    if not is_streaming_req(parsed):
+        result = state.loop_thread.run(start, ctx)
+        if not isinstance(result, StreamingResult):
+            observer.responded(200)
+            return Response(rewrite(result.json), mimetype="application/json")
+        stream = _new_stream(state, parsed, result, ctx, observer)  # an overridden process()
+        stream.start()
+    else:
+        # One task on the loop checks, runs ChatKit and pumps the stream; this
+        # greenlet/thread waits once, for the first chunk (or an error, or a
+        # plain result from an overridden process()).
+        async def prepare() -> AsyncIterable[bytes] | Plain:
+            result = await start()
+            if not isinstance(result, StreamingResult):
+                return Plain(result)
+            return _stream_source(parsed, result)
 
-    settings = state.settings
+        stream = _new_stream(state, parsed, None, ctx, observer)
+        stream.start(prepare)
+    first = stream.first()
+    if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
+        raise first.exc
+    if isinstance(first, Plain):
+        observer.responded(200)
+        return Response(rewrite(first.value.json), mimetype="application/json")
+    observer.stream_started(first)
+    return Response(
+        ContextKeepingBody(stream, rewrite), mimetype="text/event-stream", headers=SSE_HEADERS
+    )
+
+
+def _stream_source(parsed: ChatKitReq, result: StreamingResult) -> AsyncIterable[bytes]:
     # A new thread's id goes out only once the thread can be read (see new_thread.py).
-    source = hold_until_stored(result) if isinstance(parsed, ThreadsCreateReq) else result
-    stream = Stream(
+    return hold_until_stored(result) if isinstance(parsed, ThreadsCreateReq) else result
+
+
+def _new_stream(
+    state: ChatKitState,
+    parsed: ChatKitReq,
+    result: StreamingResult | None,
+    ctx: contextvars.Context,
+    observer: RequestObserver,
+) -> Stream:
+    settings = state.settings
+    return Stream(
         state.loop_thread,
-        source,
+        None if result is None else _stream_source(parsed, result),
         ctx,
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
         on_disconnect=settings.on_disconnect,
         on_end=observer.stream_ended,
         started=observer.started,
-    )
-    stream.start()
-    first = stream.first()
-    if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
-        raise first.exc
-    observer.stream_started(first)
-    return Response(
-        ContextKeepingBody(stream, rewrite), mimetype="text/event-stream", headers=SSE_HEADERS
     )
 
 
