@@ -15,7 +15,7 @@ import queue
 from typing import Any
 
 import gevent
-import gevent.event
+from gevent.hub import Waiter
 
 from .native import gevent_patched
 
@@ -47,15 +47,18 @@ class GeventChannel:
     """For greenlets: the producer wakes the consumer's hub thread-safely.
 
     ``run_callback_threadsafe`` is the one gevent call that is safe from a
-    foreign OS thread; it sets an Event that the consumer greenlet waits on.
-    No lock: ``deque.append``/``popleft`` are atomic, and the consumer clears
-    ``_wakeup_scheduled`` *before* draining, so an item appended by a producer
-    that saw the flag still set is always drained by the pass that follows.
+    foreign OS thread; the callback switches straight to the waiting greenlet
+    through a ``Waiter`` (an ``Event`` would add its link notification and a
+    second hub callback to every wake-up). No lock: ``deque.append``/``popleft``
+    are atomic, and the consumer clears ``_wakeup_scheduled`` *before* draining,
+    so an item appended by a producer that saw the flag still set is always
+    drained by the pass that follows.
     """
 
     def __init__(self) -> None:
-        self._hub_loop = gevent.get_hub().loop
-        self._ready = gevent.event.Event()
+        hub = gevent.get_hub()
+        self._hub_loop = hub.loop
+        self._waiter: Waiter[Any] = Waiter(hub)
         self._items: collections.deque[Any] = collections.deque()
         self._wakeup_scheduled = False
 
@@ -63,20 +66,34 @@ class GeventChannel:
         self._items.append(item)
         if not self._wakeup_scheduled:
             self._wakeup_scheduled = True
-            self._hub_loop.run_callback_threadsafe(self._ready.set)
+            self._hub_loop.run_callback_threadsafe(self._waiter.switch, None)
 
     def get_batch(self, timeout: float | None) -> list[Any] | object:
         while True:
-            self._ready.clear()
+            # A wake-up that arrived while this greenlet was busy elsewhere is
+            # stored by the Waiter: drop it, the drain below covers its items.
+            self._waiter.clear()
             self._wakeup_scheduled = False
             batch = []
             while self._items:
                 batch.append(self._items.popleft())
             if batch:
                 return batch
-            # A stale set() from an earlier wake-up only costs one extra pass.
-            if not self._ready.wait(timeout):
+            if timeout is not None and timeout <= 0:
                 return TIMEOUT
+            if self._wait(timeout) is TIMEOUT:
+                return TIMEOUT
+
+    def _wait(self, timeout: float | None) -> object:
+        if timeout is None:
+            return self._waiter.get()
+        # Made and closed here, in the consumer's greenlet (never on a foreign thread).
+        timer = self._hub_loop.timer(timeout)
+        try:
+            timer.start(self._waiter.switch, TIMEOUT)
+            return self._waiter.get()
+        finally:
+            timer.close()
 
 
 Channel = ThreadChannel | GeventChannel
