@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterable
 from typing import Any
 
@@ -25,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet
 from ..bridge.loop import Failure
 from ..bridge.stream import Plain, Stream
-from ..context import require_login
+from ..context import new_request_id, require_login
 from ..state import ChatKitState, get_state
 from .body import ContextKeepingBody
 from .errors import (
@@ -88,10 +87,11 @@ def create_blueprint(*, console: bool = False, health: bool = True) -> Blueprint
 def _before_request() -> Response | None:
     # A caller's X-Request-ID (e.g. from a proxy) is kept when it is a plain token.
     incoming = request.headers.get("X-Request-ID", "")
-    g.chatkit_request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else uuid.uuid4().hex
-    check_origin(get_state().settings)
+    g.chatkit_request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else new_request_id()
+    settings = get_state().settings
+    check_origin(settings)
     if request.method == "OPTIONS":
-        return preflight_response(get_state().settings)
+        return preflight_response(settings)
     return None
 
 
@@ -99,7 +99,8 @@ def _after_request(response: Response) -> Response:
     response.headers.setdefault("X-Request-ID", g.get("chatkit_request_id", ""))
     state = get_state()
     apply_cors(response, state.settings)
-    count_error_response(state, request.endpoint, response.status_code)
+    if state.telemetry is not None:
+        count_error_response(state, request.endpoint, response.status_code)
     return response
 
 

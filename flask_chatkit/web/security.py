@@ -52,7 +52,10 @@ def preflight_response(settings: Settings) -> Response:
 
 def apply_cors(response: Response, settings: Settings) -> None:
     origin = cross_origin_allowed(settings)
-    response.vary.add("Origin")
+    if "Vary" in response.headers:
+        response.vary.add("Origin")
+    else:  # the usual case, without parsing a header set
+        response.headers["Vary"] = "Origin"
     if origin:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Allow-Credentials"] = "true"
