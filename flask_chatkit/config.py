@@ -113,9 +113,7 @@ def read_settings(app: Flask) -> Settings:
         create_tables=bool(c["CHATKIT_CREATE_TABLES"]),
         console=bool(c["CHATKIT_CONSOLE"]) or app.debug,
         attachments_url=str(c["CHATKIT_ATTACHMENTS_URL"]) if c["CHATKIT_ATTACHMENTS_URL"] else None,
-        max_metadata_bytes=_positive(
-            "CHATKIT_MAX_METADATA_BYTES", c["CHATKIT_MAX_METADATA_BYTES"]
-        ),
+        max_metadata_bytes=_positive("CHATKIT_MAX_METADATA_BYTES", c["CHATKIT_MAX_METADATA_BYTES"]),
         public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
         health=bool(c["CHATKIT_HEALTH"]),
     )

@@ -13,6 +13,7 @@ from .bridge.loop import LoopThread
 from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
+from .web.misconfig import LogOnce, login_problem, missing_tables_problem
 
 if TYPE_CHECKING:
     from .extension import ChatKit
@@ -28,6 +29,8 @@ class ChatKitState:
     loop_thread: LoopThread
     _schema_ready: bool = False
     _schema_lock: Any = field(default_factory=native_lock)
+    _setup_ok: bool = False
+    _log_once: LogOnce = field(default_factory=LogOnce)
 
     @property
     def context_loader(self) -> ContextLoader:
@@ -38,8 +41,20 @@ class ChatKitState:
     def uses_default_context(self) -> bool:
         return self.extension.custom_context_loader is None
 
+    def check_setup(self) -> None:
+        """Raise ``Misconfigured`` (JSON 500, logged once) when sign-in cannot work."""
+        if self._setup_ok:
+            return
+        problem = login_problem(current_app, self.settings, self.uses_default_context)
+        if problem is not None:
+            raise self._log_once(problem)
+        self._setup_ok = True
+
     def ensure_schema(self) -> None:
-        """Create the store's tables on first use (CHATKIT_CREATE_TABLES)."""
+        """Create the store's tables on first use (CHATKIT_CREATE_TABLES).
+
+        With creation off, missing tables are a ``Misconfigured`` error until they exist.
+        """
         if self._schema_ready:
             return
         with self._schema_lock:
@@ -47,6 +62,8 @@ class ChatKitState:
                 create_all = getattr(self.store, "create_all", None)
                 if self.settings.create_tables and callable(create_all):
                     create_all()
+                elif (problem := missing_tables_problem(self.store)) is not None:
+                    raise self._log_once(problem)
                 self._schema_ready = True
 
 

@@ -26,6 +26,7 @@ from sqlalchemy import (
     delete,
     exists,
     insert,
+    inspect,
     select,
 )
 from sqlalchemy.engine import URL
@@ -172,6 +173,11 @@ class SQLAlchemyStore(Store[Any]):
         except DBAPIError:  # another process created them between check and CREATE
             with self._tx(write=True) as conn:
                 self.metadata.create_all(conn, checkfirst=True)
+
+    def missing_tables(self) -> list[str]:
+        """Names of this store's tables the database does not have (yet)."""
+        inspector = inspect(self.engine)
+        return [name for name in self.metadata.tables if not inspector.has_table(name)]
 
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable if it was passed in)."""
