@@ -74,11 +74,14 @@ def start_gunicorn(
     worker_class: str = "gevent",
     workers: int = 1,
     extra_args: list[str] | None = None,
+    cwd: Path = ROOT,
+    executable: str = GUNICORN,
 ) -> Iterator[RunningServer]:
+    """``cwd`` and ``executable`` serve an app outside the repo (README, installed wheel)."""
     port = free_port()
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
-        GUNICORN,
+        executable,
         "-k",
         worker_class,
         "-w",
@@ -98,7 +101,7 @@ def start_gunicorn(
     pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     child_env = {**os.environ, "PYTHONPATH": pythonpath, **(env or {})}
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, proc)
         yield RunningServer(f"http://127.0.0.1:{port}", port, proc, log_path)
