@@ -5,7 +5,8 @@
 # bound exactly (scripts/lower_bounds.py): `--resolution lowest-direct` alone let uv pick
 # pydantic 2.12 and opentelemetry-api 1.28 where the bounds said 2.10 and 1.25. The test
 # tools (dev) resolve with `--resolution lowest-direct` too, so their bounds are tested
-# as well. A bound that cannot install, or fails a unit test, fails here.
+# as well. A bound that cannot install, or fails a unit test or the one real
+# `gunicorn -k gevent` chat (the README Quickstart), fails here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=.venv/bin/uv
@@ -25,5 +26,8 @@ for python in "$@"; do
     echo "test-min: $("$venv/bin/python" --version) ($python), lower bounds:" \
         $(tr '\n' ' ' < "$venv/lower-bounds.txt")
     "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not integration and not browser"
+    # and one real `gunicorn -k gevent` chat: the lowest gunicorn and gevent serving a stream.
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider \
+        tests/test_readme.py::test_quickstart_under_gunicorn_gevent
     echo "test-min: Python $version passed in $(( $(date +%s) - started )) s"
 done
