@@ -17,11 +17,11 @@ for python in "$@"; do
     venv=".venv-min-$version"
     started=$(date +%s)
     "$UV" venv -q --clear --python "$python" "$venv"
-    .venv/bin/python scripts/lower_bounds.py > "$venv/lower-bounds.txt"
+    .venv/bin/python scripts/lower_bounds.py "$version" > "$venv/lower-bounds.txt"
     sed 's/\[[^]]*\]//' "$venv/lower-bounds.txt" > "$venv/constraints.txt"  # no extras in -c
     "$UV" pip compile -q --resolution lowest-direct --python "$venv/bin/python" \
         pyproject.toml --extra dev -c "$venv/constraints.txt" -o "$venv/requirements.txt"
-    "$UV" pip sync -q --python "$venv/bin/python" "$venv/requirements.txt"
+    "$UV" pip sync -q --compile-bytecode --python "$venv/bin/python" "$venv/requirements.txt"
     "$UV" pip install -q --python "$venv/bin/python" --no-deps -e .
     echo "test-min: $("$venv/bin/python" --version) ($python), lower bounds:" \
         $(tr '\n' ' ' < "$venv/lower-bounds.txt")

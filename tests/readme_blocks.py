@@ -91,7 +91,8 @@ def chat_over_http(base_url: str, user: str, text: str) -> tuple[str, list[float
 def _chat(
     session: requests.Session, base_url: str, user: str, text: str
 ) -> tuple[str, list[float]]:
-    login = session.get(f"{base_url}/demo-login/{user}", allow_redirects=False, timeout=10)
+    # Generous: the first request waits for the worker to boot (imports, under load).
+    login = session.get(f"{base_url}/demo-login/{user}", allow_redirects=False, timeout=60)
     assert login.status_code == 302, login.text
     with session.post(
         f"{base_url}/chatkit", json=create_thread_body(text), stream=True, timeout=30
