@@ -20,7 +20,8 @@ worker_connections = 2000
 # gevent workers notify the arbiter from their own loop, so a long stream does not
 # trip `timeout`; keep it modest so a truly stuck worker is still replaced.
 timeout = int(os.environ.get("GUNICORN_TIMEOUT", "60"))
-# On restart/shutdown, give open streams time to finish (or be cancelled and saved).
+# On restart/shutdown, open streams get graceful_timeout - CHATKIT_CANCEL_TIMEOUT - 1 s
+# to finish; the rest are then cancelled and saved (flask_chatkit/bridge/lifecycle.py).
 graceful_timeout = 30
 keepalive = 5
 

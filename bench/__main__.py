@@ -2,7 +2,7 @@
 
     python -m bench             # the full run (< 15 minutes), writes bench/RESULTS.md
     python -m bench --quick     # smoke test: small N, short runs
-    python -m bench --only A,C  # a selection (A-E, F = the store benchmark)
+    python -m bench --only A,C  # a selection (A-E; F store, S sync stall, U uploads)
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -40,7 +41,7 @@ def machine() -> list[str]:
         load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     versions = []
     for dist in ("flask-chatkit", "openai-chatkit", "flask", "gunicorn", "gevent", "fastapi",
-                 "uvicorn", "starlette", "pydantic", "sqlalchemy"):
+                 "uvicorn", "uvloop", "httptools", "starlette", "pydantic", "sqlalchemy"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions.append(f"{dist} {metadata.version(dist)}")
     return [
@@ -49,8 +50,11 @@ def machine() -> list[str]:
         f"- Python {platform.python_version()} on {platform.system()} {platform.release()}",
         "- versions: " + ", ".join(versions),
         "- servers: one process/worker each on 127.0.0.1; gunicorn `-k gevent -w 1`; "
-        "uvicorn `--workers 1` (h11 + asyncio loop unless uvloop/httptools are installed); "
-        "each ChatKit host on its own temp SQLite file (SQLAlchemyStore)",
+        "uvicorn `--workers 1 --loop uvloop --http httptools`; each ChatKit host on its own "
+        "temp SQLite file (SQLAlchemyStore)",
+        "- baseline of every ratio: FastAPI on uvicorn[standard] with ChatKit's per-request "
+        "TypeAdapter cached, the same SDK fix flask-chatkit has (`uvicorn-fixed`); the SDK "
+        "as shipped appears only as an extra row",
     ]
 
 
@@ -69,13 +73,22 @@ def summary_table(summaries: list[Summary]) -> str:
     return fmt_table(["test", "flask-chatkit", "baseline", "ratio", "target", "met"], rows)
 
 
-# -- F: the store benchmark (bench/store_bench.py, written separately) -------------
+# -- sections that live in modules of their own ----------------------------------
+# F: the store (bench/store_bench.py), S: a blocking call's stall on a neighbour stream
+# (bench/sync_stall.py), U: uploads, disk vs S3 (bench/uploads.py).
 
 
-def section_f(cfg: Settings) -> Section:
-    section = Section("F", "F. store benchmark (bench/store_bench.py)", ["result"])
+def module_section(key: str, title: str, module_name: str) -> Callable[[Settings], Section]:
+    def section(cfg: Settings) -> Section:
+        return _run_module(key, title, module_name, cfg)
+
+    return section
+
+
+def _run_module(key: str, title: str, module_name: str, cfg: Settings) -> Section:
+    section = Section(key, title, ["result"])
     try:
-        module = importlib.import_module("bench.store_bench")
+        module = importlib.import_module(module_name)
     except ImportError as exc:
         section.rows.append([f"not available ({exc})"])
         return section
@@ -85,7 +98,7 @@ def section_f(cfg: Settings) -> Section:
             runner = getattr(module, name)
             break
     if runner is None:
-        section.rows.append(["not available (bench.store_bench has no run function)"])
+        section.rows.append([f"not available ({module_name} has no run function)"])
         return section
     try:
         try:
@@ -113,7 +126,18 @@ def section_f(cfg: Settings) -> Section:
     return section
 
 
-ALL = {**SECTIONS, "F": section_f}
+ALL = {
+    **SECTIONS,
+    "F": module_section("F", "F. store benchmark (bench/store_bench.py)", "bench.store_bench"),
+    "S": module_section(
+        "S", "S. a blocking call in respond: stall added to a neighbour stream "
+        "(bench/sync_stall.py)", "bench.sync_stall",
+    ),
+    "U": module_section(
+        "U", "U. uploads: throughput and neighbour-stream jitter, disk vs S3 (bench/uploads.py)",
+        "bench.uploads",
+    ),
+}
 
 
 def render(sections: list[Section], header: list[str], elapsed: float, quick: bool) -> str:

@@ -8,13 +8,17 @@ from .context import RequestContext
 from .extension import ChatKit
 from .storage.disk import AttachmentStorage, DiskStorage
 from .storage.sql import SQLAlchemyStore
+from .web.peek import MESSAGE_REQUEST_TYPES, chatkit_request_type, is_message_request
 
 __all__ = [
+    "MESSAGE_REQUEST_TYPES",
     "AttachmentStorage",
     "ChatKit",
     "DiskStorage",
     "FileAttachmentStore",
     "RequestContext",
     "SQLAlchemyStore",
+    "chatkit_request_type",
+    "is_message_request",
 ]
 __version__ = "0.1.0"

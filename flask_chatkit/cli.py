@@ -15,6 +15,7 @@ from flask.cli import AppGroup, with_appcontext
 from sqlalchemy import inspect
 
 from .storage.sql import SQLAlchemyStore
+from .storage.version import SchemaOutdated
 
 __all__ = ["chatkit_cli"]
 
@@ -38,11 +39,14 @@ def _store() -> SQLAlchemyStore:
 @chatkit_cli.command("init-db")
 @with_appcontext
 def init_db() -> None:
-    """Create the ChatKit tables (existing tables are left alone)."""
+    """Create the ChatKit tables (existing tables are left alone) and record the schema version."""
     store = _store()
     wanted = list(store.metadata.tables)
     before = set(inspect(store.engine).get_table_names())
-    store.create_all()
+    try:
+        store.create_all()
+    except SchemaOutdated as exc:
+        raise click.ClickException(str(exc)) from None
     url = store.engine.url.render_as_string(hide_password=True)
     created = [name for name in wanted if name not in before]
     present = [name for name in wanted if name in before]
@@ -50,6 +54,7 @@ def init_db() -> None:
         click.echo(f"Created tables: {', '.join(created)}")
     if present:
         click.echo(f"Already present: {', '.join(present)}")
+    click.echo(f"Schema version: {store.schema_version()}")
     click.echo(f"Database: {url}")
 
 

@@ -9,6 +9,7 @@ from chatkit.server import ChatKitServer
 from chatkit.store import AttachmentStore, Store
 from flask import Flask
 
+from .bridge.lifecycle import WorkerLifecycle
 from .bridge.loop import LoopThread
 from .config import read_settings
 from .context import ContextLoader
@@ -17,6 +18,8 @@ from .web.endpoint import create_blueprint
 
 # One asyncio loop per worker process, shared by every app in it.
 _LOOP_THREAD = LoopThread()
+# Under gunicorn, a stopping worker cancels (and so saves) its open streams in time.
+_LIFECYCLE = WorkerLifecycle(_LOOP_THREAD)
 
 
 class ChatKit:
@@ -58,6 +61,7 @@ class ChatKit:
             raise RuntimeError("flask-chatkit is already registered on this app.")
         self._check_server_cls()
         settings = read_settings(app)
+        _LIFECYCLE.watch(settings.cancel_timeout)
         server, store, attachment_store = self._build_server(app, settings.database_url)
         app.extensions["chatkit"] = ChatKitState(
             extension=self,

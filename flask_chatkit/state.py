@@ -13,7 +13,8 @@ from .bridge.loop import LoopThread
 from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
-from .web.misconfig import LogOnce, login_problem, missing_tables_problem
+from .storage.version import SchemaOutdated
+from .web.misconfig import LogOnce, login_problem, missing_tables_problem, schema_problem
 
 if TYPE_CHECKING:
     from .extension import ChatKit
@@ -53,18 +54,31 @@ class ChatKitState:
     def ensure_schema(self) -> None:
         """Create the store's tables on first use (CHATKIT_CREATE_TABLES).
 
-        With creation off, missing tables are a ``Misconfigured`` error until they exist.
+        With creation off, no tables at all, or a schema older than the code, is a JSON 500
+        ``misconfigured`` (logged once, naming the fix), re-checked at each request until
+        it is fixed.
         """
         if self._schema_ready:
             return
         with self._schema_lock:
             if not self._schema_ready:
                 create_all = getattr(self.store, "create_all", None)
-                if self.settings.create_tables and callable(create_all):
-                    create_all()
-                elif (problem := missing_tables_problem(self.store)) is not None:
-                    raise self._log_once(problem)
+                try:
+                    if self.settings.create_tables and callable(create_all):
+                        create_all()
+                    elif (problem := missing_tables_problem(self.store)) is not None:
+                        raise self._log_once(problem)
+                    check_schema_version(self.store)
+                except SchemaOutdated as exc:
+                    raise self._log_once(schema_problem(exc)) from None
                 self._schema_ready = True
+
+
+def check_schema_version(store: Any) -> None:
+    """The store's own schema check, when it has one (``SQLAlchemyStore.check_schema``)."""
+    check = getattr(store, "check_schema", None)
+    if callable(check):
+        check()
 
 
 def get_state(app: Flask | None = None) -> ChatKitState:

@@ -19,6 +19,9 @@ Example (pytest)::
 
 Streaming requests return ``list[ThreadStreamEvent]``; others return what the
 endpoint answered, parsed: ``Thread``, ``Page``, ``Attachment``… or ``dict``.
+``send`` posts a dict exactly as given (no local validation), so tests can
+exercise the server's own error paths: an invalid request raises
+``ChatKitHTTPError`` with the server's status (e.g. 400), not a pydantic error.
 """
 
 from __future__ import annotations
@@ -35,12 +38,10 @@ from chatkit.types import (
     ThreadItem,
     ThreadStreamEvent,
     TranscriptionResult,
-    is_streaming_req,
 )
 from flask.testing import FlaskClient
-from pydantic import TypeAdapter
-
-from .web.protocol import REQUEST_ADAPTER
+from pydantic import BaseModel, TypeAdapter
+from pydantic_core import to_json
 
 _EVENT_ADAPTER: TypeAdapter[ThreadStreamEvent] = TypeAdapter(ThreadStreamEvent)
 
@@ -88,18 +89,26 @@ class ChatKitClient:
         self.path = path
 
     def send(self, request: ChatKitReq | dict[str, Any]) -> Any:
-        parsed = REQUEST_ADAPTER.validate_python(request)
-        response = self.client.post(
-            self.path,
-            data=REQUEST_ADAPTER.dump_json(parsed, by_alias=True),
-            content_type="application/json",
-        )
+        """POST one ChatKit request and return the parsed answer.
+
+        A dict is sent as is (the server validates it); a ``chatkit.types``
+        request model is serialized by its aliases. A ``text/event-stream``
+        answer becomes ``list[ThreadStreamEvent]``; JSON is parsed by request
+        type. Any status >= 400 raises :class:`ChatKitHTTPError`.
+        """
+        if isinstance(request, BaseModel):
+            kind: Any = request.type
+            data = request.model_dump_json(by_alias=True).encode()
+        else:
+            kind = request.get("type") if isinstance(request, dict) else None
+            data = to_json(request, by_alias=True)
+        response = self.client.post(self.path, data=data, content_type="application/json")
         body = response.get_data()
         if response.status_code >= 400:
             raise _http_error(response.status_code, body)
-        if is_streaming_req(parsed):
+        if response.mimetype == "text/event-stream":
             return parse_sse(body)
-        adapter = _RESULT_ADAPTERS.get(parsed.type)
+        adapter = _RESULT_ADAPTERS.get(kind) if isinstance(kind, str) else None
         return adapter.validate_json(body) if adapter else json.loads(body)
 
     # -- conveniences -----------------------------------------------------

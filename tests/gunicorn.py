@@ -74,10 +74,13 @@ def start_gunicorn(
     worker_class: str = "gevent",
     workers: int = 1,
     extra_args: list[str] | None = None,
+    graceful_timeout: float | None = 5,
     cwd: Path = ROOT,
     executable: str = GUNICORN,
 ) -> Iterator[RunningServer]:
-    """``cwd`` and ``executable`` serve an app outside the repo (README, installed wheel)."""
+    """``graceful_timeout=None`` keeps gunicorn's default; a ``cwd`` without a
+    ``gunicorn.conf.py`` runs gunicorn with no config file at all. ``cwd`` and
+    ``executable`` also serve an app outside the repo (README, installed wheel)."""
     port = free_port()
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
@@ -88,8 +91,7 @@ def start_gunicorn(
         str(workers),
         "--bind",
         f"127.0.0.1:{port}",
-        "--graceful-timeout",
-        "5",
+        *(["--graceful-timeout", f"{graceful_timeout:g}"] if graceful_timeout is not None else []),
         "--timeout",
         "60",
         "--worker-connections",

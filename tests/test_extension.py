@@ -140,7 +140,10 @@ def test_create_tables_on_first_use_unless_disabled(tmp_path: Any) -> None:
     import sqlalchemy as sa
 
     for create, expected in (
-        (True, {"chatkit_threads", "chatkit_items", "chatkit_attachments"}),
+        (
+            True,
+            {"chatkit_threads", "chatkit_items", "chatkit_attachments", "chatkit_schema_version"},
+        ),
         (False, set()),
     ):
         db = tmp_path / f"create-{create}.sqlite3"

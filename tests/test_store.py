@@ -477,7 +477,7 @@ def test_create_all_is_idempotent_and_exposes_metadata(store: SQLAlchemyStore) -
     names = set(sa.inspect(store.engine).get_table_names())
     assert {"chatkit_threads", "chatkit_items", "chatkit_attachments"} <= names
     assert set(store.metadata.tables) == {
-        "chatkit_threads", "chatkit_items", "chatkit_attachments"
+        "chatkit_threads", "chatkit_items", "chatkit_attachments", "chatkit_schema_version"
     }
     indexes = {
         tuple(ix["column_names"])

@@ -12,7 +12,6 @@ values (Flask's app/request contexts, Flask-Login's user) the coroutine sees.
 from __future__ import annotations
 
 import asyncio
-import atexit
 import contextvars
 import logging
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .channels import new_channel
+from .lifecycle import OpenStreams
 from .native import NativeThreadPool, gevent_patched, native_lock, start_native_thread
 
 T = TypeVar("T")
@@ -48,6 +48,8 @@ class LoopThread:
         self._lock = native_lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pid: int | None = None
+        self._open_streams = OpenStreams()
+        self._start_hooks: list[Callable[[asyncio.AbstractEventLoop], None]] = []
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -58,6 +60,20 @@ class LoopThread:
                     self._loop = self._start()
                     self._pid = pid
         return self._loop
+
+    def current_loop(self) -> asyncio.AbstractEventLoop | None:
+        """This process's loop if it runs already (never starts one)."""
+        loop = self._loop
+        return loop if loop is not None and self._pid == os.getpid() else None
+
+    @property
+    def open_streams(self) -> OpenStreams:
+        """The streams running on this process's loop (use on the loop thread)."""
+        return self._open_streams
+
+    def add_start_hook(self, hook: Callable[[asyncio.AbstractEventLoop], None]) -> None:
+        """Call ``hook(loop)`` whenever a process starts its loop."""
+        self._start_hooks.append(hook)
 
     def _start(self) -> asyncio.AbstractEventLoop:
         # gevent replaces the default selector with one that would block this
@@ -75,10 +91,10 @@ class LoopThread:
             asyncio.set_event_loop(loop)
             loop.run_forever()
 
+        self._open_streams = OpenStreams()  # a forked child starts with none
         start_native_thread(run)
-        # A worker that exits with streams still open (graceful restart, SIGTERM)
-        # cancels them first, so ChatKit persists their partial replies.
-        atexit.register(self.shutdown)
+        for hook in self._start_hooks:
+            hook(loop)
         return loop
 
     def shutdown(self, timeout: float = 10.0) -> int:

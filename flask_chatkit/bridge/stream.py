@@ -75,6 +75,8 @@ class Stream:
 
     def _create_task(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._pump())
+        # A stopping worker cancels it in time to save the partial reply (lifecycle.py).
+        self._loop_thread.open_streams.add(self._task)
 
     async def _pump(self) -> None:
         # StreamingResult only re-yields its generator: iterate that directly

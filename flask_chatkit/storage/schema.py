@@ -67,6 +67,7 @@ class Tables:
     threads: Table
     items: Table
     attachments: Table
+    schema_version: Table
 
 
 def build_tables(prefix: str = "chatkit_") -> Tables:
@@ -105,7 +106,14 @@ def build_tables(prefix: str = "chatkit_") -> Tables:
         UniqueConstraint("owner", "id", name=f"uq_{prefix}attachments_owner_id"),
         Index(f"ix_{prefix}attachments_owner_thread", "owner", "thread_id"),
     )
-    return Tables(metadata, threads, items, attachments)
+    # One row (id 1): the schema version this database was brought to (storage/version.py).
+    schema_version = Table(
+        f"{prefix}schema_version",
+        metadata,
+        Column("id", Integer, primary_key=True, autoincrement=False),
+        Column("version", Integer, nullable=False),
+    )
+    return Tables(metadata, threads, items, attachments, schema_version)
 
 
 def db_time(value: datetime) -> datetime:

@@ -43,6 +43,8 @@ from .schema import (
     keyset_page,
     upsert,
 )
+from .version import check as check_version
+from .version import read_version, record_version
 
 __all__ = ["SQLAlchemyStore", "default_owner"]
 
@@ -121,6 +123,7 @@ class SQLAlchemyStore(Store[Any]):
         self.threads = tables.threads
         self.items = tables.items
         self.attachments = tables.attachments
+        self.schema_version_table = tables.schema_version
         self.dialect = self.engine.dialect.name
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
@@ -166,13 +169,38 @@ class SQLAlchemyStore(Store[Any]):
         _new_thread.set(_NewThread())
 
     def create_all(self) -> None:
-        """Create the tables (idempotent)."""
+        """Create the missing tables and record the schema version (idempotent).
+
+        Raises :class:`~flask_chatkit.storage.version.SchemaOutdated` when existing
+        tables are older than this code (e.g. a missing column): that needs a migration.
+        """
         try:
-            with self._tx(write=True) as conn:
-                self.metadata.create_all(conn, checkfirst=True)
+            self._create_all()
         except DBAPIError:  # another process created them between check and CREATE
-            with self._tx(write=True) as conn:
-                self.metadata.create_all(conn, checkfirst=True)
+            self._create_all()
+
+    def _create_all(self) -> None:
+        with self._tx(write=True) as conn:
+            self.metadata.create_all(conn, checkfirst=True)
+            # Creating tables cannot add columns: check before recording the version.
+            version_table, where = self.schema_version_table, self._where()
+            check_version(conn, self.metadata, version_table, where, structure_only=True)
+            record_version(conn, version_table)
+
+    def check_schema(self) -> None:
+        """Raise :class:`~flask_chatkit.storage.version.SchemaOutdated` when the
+        database's schema is older than this code (missing tables or columns, or an
+        older recorded version). Call it at start-up to fail fast."""
+        with self._tx() as conn:
+            check_version(conn, self.metadata, self.schema_version_table, self._where())
+
+    def schema_version(self) -> int | None:
+        """The schema version recorded in the database (None: not recorded)."""
+        with self._tx() as conn:
+            return read_version(conn, self.schema_version_table)
+
+    def _where(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
 
     def missing_tables(self) -> list[str]:
         """Names of this store's tables the database does not have (yet)."""

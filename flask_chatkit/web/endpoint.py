@@ -33,6 +33,7 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .peek import request_body
 from .protocol import (
     clamp_page_limit,
     iter_owned_refs_checks,
@@ -108,14 +109,12 @@ def _unknown_path(unknown: str) -> Response:
 
 
 def read_limited_body(limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` without buffering it all."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
-    body = request.stream.read(limit + 1)
-    if len(body) > limit:
-        raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
-    return body
+    """The request body, refusing (413) anything over ``limit`` without buffering it all.
+
+    Read once per request: a ``before_request`` hook may have read it already
+    (:func:`flask_chatkit.chatkit_request_type`).
+    """
+    return request_body(limit)
 
 
 def chatkit_endpoint() -> Response:

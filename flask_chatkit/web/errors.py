@@ -22,10 +22,13 @@ STATUS_CODES: dict[int, str] = {
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
+    429: "rate_limited",
     500: "internal_error",
     503: "service_unavailable",
 }
 
+
+DEFAULT_RETRY_AFTER = 60  # seconds, for a 429 that names no window
 
 SCHEMA_ERRORS = ("no such table", "no such column")
 
@@ -85,7 +88,26 @@ def http_exception_response(exc: HTTPException) -> Response:
     headers = {
         k: v for k, v in exc.get_headers() if k.lower() not in ("content-type", "content-length")
     }
+    if status == 429 and not any(k.lower() == "retry-after" for k in headers):
+        headers["Retry-After"] = str(retry_after_seconds(exc))
     return error_response(status, message, code, headers)
+
+
+def retry_after_seconds(exc: HTTPException) -> int:
+    """A safe ``Retry-After`` for a 429 that has none: the limit's whole window.
+
+    Flask-Limiter's ``RateLimitExceeded.limit.limit`` is a ``limits`` item with
+    ``get_expiry()``; with ``RATELIMIT_HEADERS_ENABLED`` Flask-Limiter replaces
+    this with the exact reset time after the handler runs.
+    """
+    item = getattr(getattr(exc, "limit", None), "limit", None)
+    get_expiry = getattr(item, "get_expiry", None)
+    if callable(get_expiry):
+        try:
+            return max(1, int(get_expiry()))
+        except (TypeError, ValueError):
+            pass
+    return DEFAULT_RETRY_AFTER
 
 
 def classify_exception(exc: BaseException) -> ChatKitHTTPException | None:

@@ -14,6 +14,7 @@ from typing import Any
 from flask import Flask
 
 from ..config import Settings
+from ..storage.version import SCHEMA_VERSION, SchemaOutdated
 from .errors import ChatKitHTTPException
 
 logger = logging.getLogger("flask_chatkit")
@@ -48,10 +49,12 @@ NO_SECRET_KEY_LOGIN = (
 class Misconfigured(ChatKitHTTPException):
     """The app's own set-up is wrong: a JSON 500 with code ``misconfigured``."""
 
-    def __init__(self, problem: str, fix: str) -> None:
+    def __init__(self, problem: str, fix: str, public: str | None = None) -> None:
+        # ``public``: what the client may read when ``problem`` names internals (a DB URL).
         super().__init__(
             500,
-            f"The ChatKit server is misconfigured: {problem} The server log names the fix.",
+            f"The ChatKit server is misconfigured: {public or problem} "
+            "The server log names the fix.",
             "misconfigured",
         )
         self.problem = problem
@@ -82,12 +85,15 @@ def login_problem(app: Flask, settings: Settings, default_context: bool) -> Misc
 
 
 def missing_tables_problem(store: Any) -> Misconfigured | None:
-    """``CHATKIT_CREATE_TABLES`` is False and the store's tables are not there."""
+    """``CHATKIT_CREATE_TABLES`` is False and none of the store's tables are there.
+
+    Some but not all missing is an outdated schema: the store's own check says so.
+    """
     missing_tables = getattr(store, "missing_tables", None)
     if not callable(missing_tables):
         return None  # not an SQL store: nothing to create
     missing = missing_tables()
-    if not missing:
+    if len(missing) < len(store.metadata.tables):
         return None
     where = store.engine.url.render_as_string(hide_password=True)
     return Misconfigured(
@@ -96,6 +102,17 @@ def missing_tables_problem(store: Any) -> Misconfigured | None:
         "run `flask chatkit init-db` once (or `flask db upgrade` when Flask-Migrate/Alembic "
         "owns the schema, with store.metadata in its target_metadata), or set "
         "CHATKIT_CREATE_TABLES = True to create them on first use.",
+        "its database has no ChatKit tables.",
+    )
+
+
+def schema_problem(exc: SchemaOutdated) -> Misconfigured:
+    """The database's schema is older than the code (``SQLAlchemyStore.check_schema``)."""
+    return Misconfigured(
+        f"The ChatKit schema in {exc.where} is older than this flask-chatkit "
+        f"(schema version {SCHEMA_VERSION}): {'; '.join(exc.problems)}.",
+        exc.fix,
+        "its database schema is older than the code.",
     )
 
 

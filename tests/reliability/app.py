@@ -5,7 +5,8 @@
 tasks are alive on the worker's ChatKit event loop (the probe's own task not
 counted), so a test can tell that cancelled streams left no task behind, and
 ``GET /_test/store/<user_id>/<thread_id>``: a thread's items straight from the
-store, hidden ones (the SDK's "stream cancelled" item) included.
+store, hidden ones (the SDK's "stream cancelled" item) included, and
+``GET /_test/lifecycle``: the worker's stop plan (bridge/lifecycle.py).
 Native thread counts are read from ``/proc/<pid>/status`` by the tests.
 """
 
@@ -48,5 +49,22 @@ def gunicorn_app() -> Flask:
 
         items = state.loop_thread.run(load, contextvars.copy_context(), timeout=15)
         return jsonify(items=items)
+
+    @app.get("/_test/lifecycle")
+    def lifecycle_probe() -> Any:
+        from flask_chatkit.extension import _LIFECYCLE
+
+        plan = _LIFECYCLE.plan
+        if plan is None:
+            return jsonify(pid=os.getpid(), plan=None)
+        return jsonify(
+            pid=os.getpid(),
+            plan={
+                "graceful_timeout": plan.graceful_timeout,
+                "cancel_timeout": plan.cancel_timeout,
+                "cancel_after": plan.cancel_after,
+                "fits": plan.fits,
+            },
+        )
 
     return app
