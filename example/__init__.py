@@ -7,6 +7,8 @@ Configuration, lowest precedence first:
    ``from_prefixed_env``: ``FLASK_CHATKIT_LOGIN_REQUIRED=false`` sets that key, values
    are parsed as JSON when they can be);
 3. the ``config`` dict passed to ``create_app``.
+``OTEL_TRACES_EXPORTER=console`` (and ``OTEL_METRICS_EXPORTER=console``) print
+OpenTelemetry spans (metrics) to stdout: see ``example/telemetry.py``.
 ``FLASK_INSTANCE_PATH`` (or ``instance_path=``) moves the instance folder, where the
 secret key, the demo users and the default ChatKit SQLite database live.
 """
@@ -25,6 +27,7 @@ from flask_login import login_required
 from flask_chatkit import ChatKit
 
 from .server import DemoServer
+from .telemetry import setup_console_telemetry
 from .users import init_users
 
 CHATKIT_JS = "https://cdn.platform.openai.com/deployments/chatkit/chatkit.js"
@@ -62,6 +65,7 @@ def create_app(config: dict[str, Any] | None = None, *, instance_path: str | Non
         app.config["SECRET_KEY"] = _instance_secret(Path(app.instance_path))
 
     init_users(app)
+    setup_console_telemetry(app)  # OTEL_TRACES_EXPORTER=console; before ChatKit sees it
     ChatKit(app, DemoServer)  # attachments stay enabled (the default)
 
     def chatkit_urls() -> dict[str, str]:

@@ -12,6 +12,7 @@ import secrets
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from flask import (
     Blueprint,
@@ -100,11 +101,25 @@ def _check_csrf() -> None:
         abort(400, "The form expired; reload the page and try again.")
 
 
+# What a browser ignores or rewrites before resolving a URL: C0 controls, DEL and
+# whitespace (tab and newline are dropped anywhere, "/\t/x" becomes "//x"), and a
+# backslash, which counts as "/" in http(s) URLs ("/\\x" is "//x").
+_IGNORED_IN_URLS = re.compile(r"[\x00-\x20\x7f\s]")
+
+
 def _safe_next(target: str | None) -> str:
-    """Only same-site relative paths, so ``?next=`` cannot redirect elsewhere."""
-    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
-        return target
-    return url_for("index")
+    """A same-origin path for ``?next=``, else the index: never another site.
+
+    The target is normalised the way a browser would read it, parsed with
+    :func:`urllib.parse.urlsplit`, and refused if it names a scheme or a host.
+    The normalised path (not the raw input) is what the redirect carries.
+    """
+    cleaned = _IGNORED_IN_URLS.sub("", target or "").replace("\\", "/")
+    parts = urlsplit(cleaned)
+    # "///x" parses with an empty netloc, yet a browser reads it as host x.
+    if parts.scheme or parts.netloc or not cleaned.startswith("/") or cleaned.startswith("//"):
+        return url_for("index")
+    return urlunsplit(("", "", parts.path, parts.query, parts.fragment))
 
 
 @bp.route("/login", methods=["GET", "POST"])
@@ -129,7 +144,9 @@ def login() -> Any:
     )
 
 
-@bp.route("/logout", methods=["GET", "POST"])
+@bp.post("/logout")
 def logout() -> Any:
+    # POST with the form's CSRF token only: a cross-site link or form cannot sign you out.
+    _check_csrf()
     logout_user()
     return redirect(url_for("auth.login"))

@@ -4,6 +4,7 @@ chatkit = ChatKit(app, MyServer)   # MyServer subclasses chatkit.server.ChatKitS
 """
 
 from .attachments import FileAttachmentStore
+from .bridge.sync import sync_to_async, sync_to_async_iter
 from .context import RequestContext
 from .extension import ChatKit
 from .storage.disk import AttachmentStorage, DiskStorage
@@ -20,5 +21,7 @@ __all__ = [
     "SQLAlchemyStore",
     "chatkit_request_type",
     "is_message_request",
+    "sync_to_async",
+    "sync_to_async_iter",
 ]
 __version__ = "0.1.0"

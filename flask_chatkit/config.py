@@ -36,6 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_MAX_METADATA_BYTES": 16 * 1024,  # a request's serialized metadata beyond it: 413
     "CHATKIT_PUBLIC_URL": None,  # trusted base for absolute URLs; else SERVER_NAME, else host
     "CHATKIT_HEALTH": True,  # GET <prefix>/health for load balancers
+    "CHATKIT_OTEL_RECORD_OWNER": False,  # the owner key as a span attribute (personal data)
 }
 
 
@@ -59,6 +60,7 @@ class Settings:
     max_metadata_bytes: int
     public_url: str | None
     health: bool
+    otel_record_owner: bool = False
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -116,4 +118,5 @@ def read_settings(app: Flask) -> Settings:
         max_metadata_bytes=_positive("CHATKIT_MAX_METADATA_BYTES", c["CHATKIT_MAX_METADATA_BYTES"]),
         public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
         health=bool(c["CHATKIT_HEALTH"]),
+        otel_record_owner=bool(c["CHATKIT_OTEL_RECORD_OWNER"]),
     )

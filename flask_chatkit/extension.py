@@ -15,6 +15,7 @@ from .config import read_settings
 from .context import ContextLoader
 from .state import ChatKitState
 from .web.endpoint import create_blueprint
+from .web.observe import load_telemetry
 
 # One asyncio loop per worker process, shared by every app in it.
 _LOOP_THREAD = LoopThread()
@@ -63,6 +64,9 @@ class ChatKit:
         settings = read_settings(app)
         _LIFECYCLE.watch(settings.cancel_timeout)
         server, store, attachment_store = self._build_server(app, settings.database_url)
+        telemetry = load_telemetry(settings)  # None unless OpenTelemetry is configured
+        if telemetry is not None:  # ChatKit's store calls get timed
+            server.store = telemetry.wrap_store(server.store)
         app.extensions["chatkit"] = ChatKitState(
             extension=self,
             server=server,
@@ -70,9 +74,11 @@ class ChatKit:
             attachment_store=attachment_store,
             settings=settings,
             loop_thread=_LOOP_THREAD,
+            telemetry=telemetry,
         )
         app.register_blueprint(
-            create_blueprint(console=settings.console), url_prefix=settings.url_prefix or None
+            create_blueprint(console=settings.console, health=settings.health),
+            url_prefix=settings.url_prefix or None,
         )
         from .cli import chatkit_cli
 

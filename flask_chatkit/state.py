@@ -18,6 +18,7 @@ from .web.misconfig import LogOnce, login_problem, missing_tables_problem, schem
 
 if TYPE_CHECKING:
     from .extension import ChatKit
+    from .telemetry import Telemetry
 
 
 @dataclass
@@ -28,6 +29,7 @@ class ChatKitState:
     attachment_store: AttachmentStore[Any] | None
     settings: Settings
     loop_thread: LoopThread
+    telemetry: Telemetry | None = None  # set when OpenTelemetry is configured
     _schema_ready: bool = False
     _schema_lock: Any = field(default_factory=native_lock)
     _setup_ok: bool = False

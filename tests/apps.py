@@ -75,6 +75,8 @@ def create_test_app(store: Any = None, server_cls: Any = ScriptedServer, **confi
     def mark() -> None:
         g.marker = "set-in-before-request"
 
+    if callable(store):  # a factory that needs the configured app (e.g. for db.engine)
+        store = store(app)
     # store=None: the extension's default SQLAlchemyStore on CHATKIT_DATABASE_URL.
     chatkit = ChatKit(app, server_cls, store=store)
 

@@ -106,6 +106,11 @@ def start_gunicorn(
         proc = subprocess.Popen(args, cwd=cwd, env=child_env, stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for_port(port, proc)
-        yield RunningServer(f"http://127.0.0.1:{port}", port, proc, log_path)
+        server = RunningServer(f"http://127.0.0.1:{port}", port, proc, log_path)
+        # The master listens before it forks: under load the workers may not exist yet.
+        deadline = time.monotonic() + 30
+        while len(server.worker_pids()) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
+        yield server
     finally:
         stop_process(proc)

@@ -53,3 +53,15 @@ def raw_stream_request(base_url: str, cookie: str, payload: dict[str, Any]) -> s
 
 def cookie_header(session: requests.Session) -> str:
     return "; ".join(f"{c.name}={c.value}" for c in session.cookies)
+
+
+def read_until_delta(response: Any, limit: int = 1000) -> bytes:
+    """Read a test-client streaming response until respond's first text delta arrived."""
+    seen = b""
+    for chunk in response.response:
+        seen += chunk
+        if b"text_delta" in seen:
+            return seen
+        limit -= 1
+        assert limit > 0, seen[-300:]
+    raise AssertionError(f"the stream ended before any delta: {seen[-300:]!r}")

@@ -448,3 +448,18 @@ def test_an_error_before_ready_falls_back(
         expect(page.locator("#fallback")).to_have_attribute("data-reason", "chatkit-error")
     finally:
         page.close()
+
+
+def test_sign_out_is_a_post_with_the_token(page: Any, server: str) -> None:
+    """Signs the shared ``page`` out: keep it after every other test that uses ``page``."""
+    p = page
+    # What a cross-site link or <img src> would do: no sign-out.
+    response = p.goto(server + "/logout")
+    assert response is not None and response.status == 405
+    p.goto(server + "/")
+    expect(p.get_by_test_id("signed-in-as")).to_contain_text("alice")
+    # The page's own Sign out button posts the form with its CSRF token.
+    p.click("#logout")
+    expect(p).to_have_url(server + "/login")
+    p.goto(server + "/")
+    expect(p).to_have_url(server + "/login?next=%2F")

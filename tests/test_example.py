@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 from chatkit.types import (
@@ -88,6 +89,84 @@ def test_login_rejects_bad_names_and_foreign_next(app: Flask) -> None:
         "/login", data={"username": "ada", "csrf_token": token, "next": "//evil.example/"}
     )
     assert res.headers["Location"] == "/"
+
+
+# Each of these leads a browser to another site if it lands in a Location header as is
+# (browsers drop tabs and newlines, read "\\" as "/", and strip leading spaces).
+OFFSITE_NEXT = [
+    "//evil.example/",
+    "/\t/evil.example",  # the form field next=/%09/evil.example
+    "/\n/evil.example",
+    "/\r\n/evil.example",
+    "\t//evil.example",
+    " //evil.example",
+    "/\x00/evil.example",
+    "/\\evil.example",
+    "\\\\evil.example",
+    "\\/evil.example",
+    "///evil.example",
+    "https://evil.example/",
+    "http:/evil.example",
+    "HTTPS:evil.example",
+    "javascript:alert(1)",
+    " javascript:alert(1)",
+    "java\tscript:alert(1)",
+    "evil.example",
+    "/\u3000/evil.example",
+]
+
+
+def _offsite(location: str) -> bool:
+    """Where a browser would go: anything but a path on this origin is offsite."""
+    read = "".join(c for c in location if c > " " and c != "\x7f").replace("\\", "/")
+    parts = urlsplit(read)
+    return bool(parts.scheme or parts.netloc) or not read.startswith("/") or read.startswith("//")
+
+
+@pytest.mark.parametrize("target", OFFSITE_NEXT)
+def test_login_never_redirects_offsite(app: Flask, target: str) -> None:
+    client = app.test_client()
+    client.get("/login")
+    with client.session_transaction() as session:
+        token = session["_csrf"]
+    res = client.post("/login", data={"username": "ada", "csrf_token": token, "next": target})
+    assert res.status_code == 302
+    assert res.headers["Location"] == "/", (target, res.headers["Location"])
+    # once signed in, GET /login?next=... redirects too: same rule
+    res = client.get("/login", query_string={"next": target})
+    assert res.status_code == 302 and res.headers["Location"] == "/"
+    assert not _offsite(res.headers["Location"])
+
+
+@pytest.mark.parametrize(
+    "target", ["/", "/chatkit/console", "/?thread=thr_1#top", "/a/b?next=//x"]
+)
+def test_login_keeps_same_site_next(app: Flask, target: str) -> None:
+    client = app.test_client()
+    client.get("/login")
+    with client.session_transaction() as session:
+        token = session["_csrf"]
+    res = client.post("/login", data={"username": "ada", "csrf_token": token, "next": target})
+    assert res.headers["Location"] == target
+
+
+def test_logout_needs_post_and_the_csrf_token(app: Flask) -> None:
+    client = app.test_client()
+    login(client)
+    # A cross-site <img src=/logout> or link: not a sign-out.
+    assert client.get("/logout").status_code == 405
+    assert client.get("/").status_code == 200
+    # A cross-site form post carries the cookie but not the token.
+    assert client.post("/logout").status_code == 400
+    assert client.post("/logout", data={"csrf_token": "forged"}).status_code == 400
+    assert client.get("/").status_code == 200
+    page = client.get("/").get_data(as_text=True)
+    with client.session_transaction() as session:
+        token = session["_csrf"]
+    assert f'name="csrf_token" value="{token}"' in page  # the page's own sign-out form
+    res = client.post("/logout", data={"csrf_token": token})
+    assert res.status_code == 302 and res.headers["Location"].endswith("/login")
+    assert client.get("/").status_code == 302  # signed out
 
 
 def test_reply_streams_and_remembers_history(kit: ChatKitClient) -> None:

@@ -183,6 +183,22 @@ def test_console_is_off_by_default_and_follows_the_prefix() -> None:
     assert b'content="/api/kit"' in page.data
 
 
+def test_console_files_are_not_served_while_the_console_is_off() -> None:
+    app = bare_app(CHATKIT_LOGIN_REQUIRED=False)
+    ChatKit(app, ScriptedServer, store=MemoryStore())
+    client = app.test_client()
+    for path in ("/chatkit/static/console.html", "/chatkit/static/", "/chatkit/console"):
+        response = client.get(path)
+        assert response.status_code == 404, path
+        assert response.get_json()["error"]["code"] == "not_found"
+        assert b"<html" not in response.data.lower()
+    # On, the console is the /console page only; its file is not a second route.
+    app = bare_app(CHATKIT_CONSOLE=True)
+    ChatKit(app, ScriptedServer, store=MemoryStore())
+    assert app.test_client().get("/chatkit/console").status_code == 200
+    assert app.test_client().get("/chatkit/static/console.html").status_code == 404
+
+
 def test_cancel_timeout_bounds_the_wait_for_a_slow_cancellation(caplog: Any) -> None:
     import asyncio
     import time

@@ -54,7 +54,7 @@ from chatkit.types import (
 from chatkit.widgets import Card, Text
 from sqlalchemy.exc import DBAPIError
 
-from flask_chatkit.storage.sql import SQLAlchemyStore
+from flask_chatkit.storage.sql import DuplicateIdError, SQLAlchemyStore
 
 T = TypeVar("T")
 ALICE = SimpleNamespace(user_id="alice")
@@ -338,7 +338,8 @@ def test_add_thread_item_never_overwrites_and_save_item_upserts(store: SQLAlchem
         await store.save_thread(thread("thr_1"), ALICE)
         await store.add_thread_item("thr_1", message("thr_1", "m1", text="original"), ALICE)
         await store.add_thread_item("thr_1", message("thr_1", "m2"), ALICE)
-        await store.add_thread_item("thr_1", message("thr_1", "m1", text="dup"), ALICE)
+        with pytest.raises(DuplicateIdError):  # an error, not a silent drop
+            await store.add_thread_item("thr_1", message("thr_1", "m1", text="dup"), ALICE)
         got = await store.load_item("thr_1", "m1", ALICE)
         assert got == message("thr_1", "m1", text="original")
         page = await store.load_thread_items("thr_1", None, 10, "asc", ALICE)
@@ -546,14 +547,16 @@ def test_50_os_threads_each_with_its_own_loop(store: SQLAlchemyStore) -> None:
 
 
 def test_50_concurrent_adds_in_one_loop_including_duplicates(store: SQLAlchemyStore) -> None:
-    async def go() -> None:
+    async def go() -> list[Any]:
         await store.save_thread(thread("thr_1"), ALICE)
-        await asyncio.gather(*(
+        return await asyncio.gather(*(
             store.add_thread_item("thr_1", message("thr_1", f"m{n % 50:02d}"), ALICE)
-            for n in range(100)  # every id twice: racing inserts must not fail
-        ))
+            for n in range(100)  # every id twice: one insert wins, the other is told so
+        ), return_exceptions=True)
 
-    run(go())
+    results = run(go())
+    assert sum(r is None for r in results) == 50
+    assert sum(isinstance(r, DuplicateIdError) for r in results) == 50, results
     assert _count_items(store, "thr_1") == 50
 
 

@@ -1,5 +1,7 @@
 """A host-neutral ChatKit server that streams ``words=N`` deltas, ``delay=S`` apart.
 
+``pad=K`` makes each word K characters longer (big replies in few events).
+
 No Flask here: the benchmark runs the same class under FastAPI/uvicorn, and
 ``tests.apps.ScriptedServer`` adds the Flask-side observations on top.
 """
@@ -45,6 +47,7 @@ class WordServer(ChatKitServer[Any]):
         self.before_reply(options, input, context)
         words = int(options.get("words", 3))
         delay = float(options.get("delay", 0))
+        pad = "x" * int(options.get("pad", 0))
         item = AssistantMessageItem(
             id=self.store.generate_item_id("message", thread, context),
             thread_id=thread.id,
@@ -57,7 +60,7 @@ class WordServer(ChatKitServer[Any]):
             for index in range(words):
                 if delay:
                     await asyncio.sleep(delay)
-                word = f"w{index} "
+                word = f"w{index}{pad} "
                 parts.append(word)
                 yield ThreadItemUpdatedEvent(
                     item_id=item.id,

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .channels import new_channel
+from .hub import attach_hub
 from .lifecycle import OpenStreams
 from .native import NativeThreadPool, gevent_patched, native_lock, start_native_thread
 
@@ -86,6 +87,12 @@ class LoopThread:
         loop = asyncio.SelectorEventLoop(selector_cls())
         # asyncio.to_thread / getaddrinfo need threads that really run in parallel.
         loop.set_default_executor(NativeThreadPool(self.executor_workers, "chatkit-loop-executor"))
+        if gevent_patched():
+            # Started from a request greenlet: this thread's hub serves the worker,
+            # so sync_to_async work from this loop runs in greenlets on it.
+            import gevent
+
+            attach_hub(loop, gevent.get_hub())
 
         def run() -> None:
             asyncio.set_event_loop(loop)

@@ -71,7 +71,8 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
         self._work: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
         self._lock = native_lock()
         self._started = 0
-        self._idle = 0
+        self._idle = 0  # workers waiting for a job
+        self._pending = 0  # jobs queued that no worker has taken yet
         self._shutdown = False
 
     # -- the worker side ------------------------------------------------
@@ -82,6 +83,7 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
                 return
             with self._lock:
                 self._idle -= 1
+                self._pending -= 1
             try:
                 job()
             finally:
@@ -92,7 +94,10 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new work after shutdown")
-            spawn = self._idle == 0 and self._started < self.max_workers
+            # Count queued jobs, not just idle workers: a burst submitted before
+            # any worker wakes up must still get one worker per job.
+            self._pending += 1
+            spawn = self._pending > self._idle and self._started < self.max_workers
             if spawn:
                 self._started += 1
                 self._idle += 1

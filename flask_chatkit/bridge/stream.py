@@ -10,7 +10,8 @@ import collections
 import contextvars
 import logging
 import time
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from chatkit.errors import ErrorCode
@@ -18,11 +19,18 @@ from chatkit.types import ErrorEvent
 
 from .channels import TIMEOUT, new_channel
 from .loop import Failure, LoopThread
+from .native import native_lock
 
 logger = logging.getLogger("flask_chatkit")
 
 PING = b": ping\n\n"
-_END = object()  # the pump finished (normally, or after cancellation)
+# ChatKit turns an exception inside respond into this event and ends the stream.
+ERROR_EVENT_PREFIX = b'data: {"type":"error"'
+_END = object()  # the pump finished normally
+_CANCELLED = object()  # the pump ended because its task was cancelled
+# Bytes a stream may hold for a reader that has not taken them yet; past it the
+# pump (and so ChatKit's stream) waits until the reader catches up.
+MAX_BUFFERED_BYTES = 256 * 1024
 
 
 def error_event_bytes() -> bytes:
@@ -32,10 +40,48 @@ def error_event_bytes() -> bytes:
 
 
 def _is_final(item: Any) -> bool:
-    return item is _END or isinstance(item, Failure)
+    return item is _END or item is _CANCELLED or isinstance(item, Failure)
 
 
 OnDisconnect = Literal["cancel", "finish"]
+Outcome = Literal["finished", "cancelled", "failed"]
+
+
+@dataclass
+class StreamStats:
+    """What one stream did; counted cheaply as it runs, read once at its end."""
+
+    started: float  # time.monotonic() when the Stream was created
+    first_event: float | None = None  # when the first write was ready
+    ended: float | None = None
+    events: int = 0  # chunks from the source (one SSE event each); pings not counted
+    bytes_sent: int = 0
+    # The last two writes: ChatKit's error event is at most two events before the end.
+    tail: tuple[bytes, bytes] = (b"", b"")
+
+    @property
+    def error_event(self) -> bytes | None:
+        """The ChatKit error event near the end of the stream, if it ended with one."""
+        for write in self.tail:
+            start = write.rfind(ERROR_EVENT_PREFIX)
+            if start >= 0:
+                end = write.find(b"\n\n", start)
+                return write[start : end if end >= 0 else len(write)]
+        return None
+
+    @property
+    def duration(self) -> float:
+        return (self.ended or time.monotonic()) - self.started
+
+    @property
+    def time_to_first_event(self) -> float | None:
+        return None if self.first_event is None else self.first_event - self.started
+
+
+# Called exactly once per iterated stream: (outcome, stats, exception or None).
+# A failure ChatKit itself turned into an error event comes with None (and
+# ``stats.error_event``): the SDK keeps the exception.
+OnEnd = Callable[[Outcome, StreamStats, BaseException | None], None]
 
 
 class Stream:
@@ -46,6 +92,11 @@ class Stream:
     iterating yields chunks (and heartbeats); ``close()`` is what WSGI calls on
     disconnect: it cancels the pump task so ChatKit's ``handle_stream_cancelled``
     runs, or lets it finish when ``on_disconnect == "finish"``.
+
+    ``on_end`` (optional) hears how the stream ended, once: in the reader's
+    thread/greenlet when it ends while read (finished, failed, cancelled on
+    disconnect), or on a native executor thread when a detached stream
+    (``"finish"``) completes later.
     """
 
     def __init__(
@@ -57,6 +108,9 @@ class Stream:
         heartbeat: float,
         cancel_timeout: float,
         on_disconnect: OnDisconnect = "cancel",
+        on_end: OnEnd | None = None,
+        started: float | None = None,
+        max_buffered: int = MAX_BUFFERED_BYTES,
     ) -> None:
         self._loop_thread = loop_thread
         self._source = source
@@ -69,6 +123,19 @@ class Stream:
         self._detached = False  # the reader left and the pump should stop queuing
         self._finished = False
         self._queued: collections.deque[Any] = collections.deque()
+        self._on_end = on_end
+        self._end_claimed = native_lock()  # taken by the one report of the end
+        self._final: Any = None  # the pump's last item, once the reader took it
+        self.stats = StreamStats(started=time.monotonic() if started is None else started)
+        # Backpressure. Each counter has one writer (the pump / the reader), so
+        # neither needs a lock; the pump parks on ``_drained`` (a loop-side
+        # Event) only once the difference crosses ``_max_buffered``.
+        self._max_buffered = max_buffered
+        self._produced = 0
+        self._consumed = 0
+        self._drained = asyncio.Event()
+        self._parked = False  # the pump waits on _drained (read by the reader)
+        self._cancelling = False  # a cancel was re-aimed at ChatKit: never park again
 
     def start(self) -> None:
         self._loop_thread.call_soon(self._create_task, context=self._context)
@@ -83,17 +150,91 @@ class Stream:
         # (one async-generator hop less per event).
         source = getattr(self._source, "json_events", self._source)
         try:
-            async for chunk in source:
-                if not self._detached:
-                    self._channel.put(chunk)
+            async for chunk in source:  # per event: the hand-over and a byte count
+                if self._detached:
+                    continue
+                self._channel.put(chunk)
+                self._produced += len(chunk)
+                if self._produced - self._consumed > self._max_buffered:
+                    await self._wait_for_reader()
         except asyncio.CancelledError:
-            self._channel.put(_END)
+            self._channel.put(_CANCELLED)
+            self._report_detached(*self._outcome_of(_CANCELLED))
             raise
         except Exception as exc:
             logger.exception("ChatKit stream failed")
             self._channel.put(Failure(exc))
+            self._report_detached("failed", exc)
         else:
             self._channel.put(_END)
+            self._report_detached(*self._outcome_of(_END))
+
+    def _over_budget(self) -> bool:
+        return (
+            not self._detached
+            and not self._cancelling
+            and self._produced - self._consumed > self._max_buffered
+        )
+
+    async def _wait_for_reader(self) -> None:
+        """Park between two events until the reader has taken what is buffered.
+
+        The reader wakes us once it takes a batch (see ``_taken``); ``_parked``
+        is set before the re-check, so a batch taken in between is never missed.
+        A disconnect in finish mode wakes us to run on without a reader.
+        """
+        while self._over_budget():
+            self._drained.clear()
+            self._parked = True
+            try:
+                if self._over_budget():
+                    await self._drained.wait()
+            except asyncio.CancelledError:
+                # Cancelled while parked between events (a disconnect, a stopping
+                # worker): raised here, ChatKit's handle_stream_cancelled would not
+                # run. Re-aim the cancel at ChatKit's next await instead.
+                self._cancelling = True
+                task = asyncio.current_task()
+                assert task is not None
+                task.cancel()
+                return
+            finally:
+                self._parked = False
+
+    def _wake_pump(self) -> None:
+        self._drained.set()
+
+    def _taken(self, batch: list[Any]) -> None:
+        """The reader took ``batch`` off the channel: count it, wake a parked pump."""
+        self._consumed += sum(len(item) for item in batch if isinstance(item, bytes))
+        if self._parked and self._produced - self._consumed <= self._max_buffered:
+            self._loop_thread.call_soon(self._wake_pump, context=self._context)
+
+    def _report_detached(self, outcome: Outcome, exc: BaseException | None) -> None:
+        # A detached stream has no reader left to report its end: do it off the
+        # loop (receivers may block) on the loop's native executor.
+        if self._detached and self._on_end is not None:
+            asyncio.get_running_loop().run_in_executor(None, self._end, outcome, exc)
+
+    def _outcome_of(self, item: Any) -> tuple[Outcome, BaseException | None]:
+        if isinstance(item, Failure):
+            return "failed", item.exc
+        if item is _CANCELLED:
+            return "cancelled", None
+        # ChatKit caught an error in respond and sent an error event: a failure too.
+        return ("failed" if self.stats.error_event is not None else "finished"), None
+
+    def _end(self, outcome: Outcome, exc: BaseException | None) -> None:
+        """Report the end once; a failing callback is logged, never raised."""
+        on_end = self._on_end
+        # The reader and (when detached) the loop's executor may both get here.
+        if on_end is None or not self._end_claimed.acquire(blocking=False):
+            return
+        self.stats.ended = time.monotonic()
+        try:
+            on_end(outcome, self.stats, exc)
+        except Exception:
+            logger.exception("ChatKit stream end callback failed")
 
     def _next_write(self) -> bytes | Failure | None:
         """Everything that is ready, joined into one write; None at the end.
@@ -104,27 +245,37 @@ class Stream:
         while True:
             if self._queued:
                 item = self._queued.popleft()
-                if item is _END:
+                if _is_final(item):
                     self._finished = True
-                    return None
-                if isinstance(item, Failure):
-                    self._finished = True
-                    return item
+                    self._final = item  # reported by close(), after the last write
+                    return item if isinstance(item, Failure) else None
                 chunks = [item]
                 while self._queued and isinstance(self._queued[0], bytes):
                     chunks.append(self._queued.popleft())
-                return b"".join(chunks)
+                write = b"".join(chunks)
+                # Counted per write (a batch of events), not per event.
+                stats = self.stats
+                stats.events += len(chunks)
+                stats.bytes_sent += len(write)
+                stats.tail = (stats.tail[1], write)
+                return write
             batch = self._channel.get_batch(self._heartbeat)
             if batch is TIMEOUT:
                 return PING
             assert isinstance(batch, list)
+            self._taken(batch)
             self._queued.extend(batch)
 
     def first(self) -> bytes | Failure | None:
         """The first write, so a failure before any byte can become an HTTP error."""
         write = self._next_write()
+        stats = self.stats
+        stats.first_event = time.monotonic()
         if isinstance(write, bytes):
             self._queued.appendleft(write)
+            # Re-taken as one more chunk by the first iteration: count it only then.
+            stats.events -= 1
+            stats.bytes_sent -= len(write)
         return write
 
     def __iter__(self) -> Iterator[bytes]:
@@ -134,6 +285,7 @@ class Stream:
                 if write is None:
                     return
                 if isinstance(write, Failure):
+                    self._end("failed", write.exc)  # before the write a gone client may stop
                     yield error_event_bytes()
                     return
                 yield write
@@ -141,15 +293,29 @@ class Stream:
             self.close()
 
     def close(self) -> None:
-        if self._finished or any(_is_final(item) for item in self._queued):
-            self._finished = True  # the pump already ended: nothing to cancel
+        if self._finished:
+            if self._final is not None:
+                self._end(*self._outcome_of(self._final))
             return
+        for item in self._queued:  # the pump already ended: nothing to cancel
+            if _is_final(item):
+                self._finished = True
+                self._end(*self._outcome_of(item))
+                return
         self._finished = True
         if self._on_disconnect == "finish":
             self._detached = True  # run to completion; ChatKit persists as usual
+            self._loop_thread.call_soon(self._wake_pump, context=self._context)  # if parked
+            # An end that arrived before the flag was set is reported here;
+            # later ones by the pump itself (_report_detached).
+            batch = self._channel.get_batch(0)
+            for item in batch if isinstance(batch, list) else ():
+                if _is_final(item):
+                    self._end(*self._outcome_of(item))
             return
         self._loop_thread.call_soon(self._cancel, context=self._context)
         self._drain_until_end(self._cancel_timeout)
+        self._end("cancelled", None)
 
     def _cancel(self) -> None:
         # _create_task was scheduled first on the same FIFO loop, so the task exists.

@@ -32,7 +32,12 @@ def is_valid_attachment_id(attachment_id: str) -> bool:
 
 @runtime_checkable
 class AttachmentStorage(Protocol):
-    """Where attachment bytes live, keyed by attachment id."""
+    """Where attachment bytes live, keyed by attachment id.
+
+    A storage may also define ``check() -> None``: a cheap probe the health
+    route calls, raising when the storage is unreachable. Without it the
+    health route calls ``exists()`` on an id that is never stored.
+    """
 
     def save(self, attachment_id: str, chunks: Iterable[bytes], max_bytes: int) -> int:
         """Store all of ``chunks`` under the id and return the byte count.
@@ -95,3 +100,9 @@ class DiskStorage:
 
     def exists(self, attachment_id: str) -> bool:
         return os.path.isfile(self.path(attachment_id))
+
+    def check(self) -> None:
+        """For the health route: the directory exists (or can be made) and is writable."""
+        os.makedirs(self.directory, exist_ok=True)
+        if not os.access(self.directory, os.W_OK | os.X_OK):
+            raise PermissionError(f"attachment directory {self.directory} is not writable")

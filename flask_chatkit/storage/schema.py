@@ -27,10 +27,13 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     UniqueConstraint,
     and_,
+    cast,
     create_engine,
     event,
+    func,
     insert,
     select,
     tuple_,
@@ -39,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.pool import QueuePool, StaticPool
 
 __all__ = [
@@ -48,6 +52,7 @@ __all__ = [
     "db_time",
     "dialect_insert",
     "engine_pool_capacity",
+    "insert_new",
     "keyset_page",
     "upsert",
 ]
@@ -226,6 +231,24 @@ def upsert(conn: Connection, table: Table, keys: Sequence[str], values: dict[str
         conn.execute(insert(table).values(**values))
 
 
+def insert_new(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> bool:
+    """Insert ``values`` unless a row with the same ``keys`` exists; False if one did.
+
+    The existing row is left as it is. Racing inserts of one key: exactly one wins.
+    """
+    stmt = dialect_insert(conn.dialect.name, table)
+    if stmt is not None:
+        # RETURNING, not rowcount: with implicit RETURNING psycopg reports rowcount -1.
+        stmt = stmt.values(**values).on_conflict_do_nothing(index_elements=list(keys))
+        return conn.execute(stmt.returning(table.c[keys[-1]])).first() is not None
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**values))
+    except IntegrityError:
+        return False
+    return True
+
+
 def keyset_page(
     conn: Connection,
     table: Table,
@@ -234,19 +257,78 @@ def keyset_page(
     limit: int,
     order: str,
     what: str,
+    max_bytes: int | None = None,
 ) -> tuple[list[Any], bool]:
     """A page of (id, payload) rows after the ``after`` id, ordered by (created_at, seq);
-    and whether more rows follow. An unknown ``after`` raises NotFoundError."""
+    and whether more rows follow. An unknown ``after`` raises NotFoundError.
+
+    With ``max_bytes``, the page also ends once the payloads before a row add up
+    to ``max_bytes`` (the first row always comes, so paging always advances); the
+    database drops the rows past the budget, so their payloads are never fetched.
+    """
     cols = (table.c.created_at, table.c.seq)
     desc = order == "desc"
-    query = select(table.c.id, table.c.payload).where(scope)
+    conditions = [scope]
     if after is not None:
         cursor = conn.execute(select(*cols).where(scope, table.c.id == after)).first()
         if cursor is None:
             raise NotFoundError(f"{what} {after} not found")
         key = tuple_(*cols)
-        query = query.where(key < tuple_(*cursor) if desc else key > tuple_(*cursor))
+        conditions.append(key < tuple_(*cursor) if desc else key > tuple_(*cursor))
     ordering = [c.desc() for c in cols] if desc else list(cols)
     limit = max(limit, 0)
-    rows = list(conn.execute(query.order_by(*ordering).limit(limit + 1)))
-    return rows[:limit], len(rows) > limit
+    if max_bytes is None:
+        query = select(table.c.id, table.c.payload).where(*conditions).order_by(*ordering)
+        rows = list(conn.execute(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+    return _byte_bounded_page(conn, table, conditions, desc, limit, max_bytes)
+
+
+def _payload_bytes(table: Table, dialect: str) -> Any:
+    text = cast(table.c.payload, Text)
+    return func.length(text) if dialect == "sqlite" else func.octet_length(text)
+
+
+def _byte_bounded_page(
+    conn: Connection,
+    table: Table,
+    conditions: list[Any],
+    desc: bool,
+    limit: int,
+    max_bytes: int,
+) -> tuple[list[Any], bool]:
+    def ordered(cols: tuple[Any, ...]) -> list[Any]:
+        return [c.desc() for c in cols] if desc else list(cols)
+
+    # page: the next limit + 1 rows with their payload sizes; then, per row, the
+    # bytes of the rows ahead of it and how many rows the page has.
+    page = (
+        select(
+            table.c.id,
+            table.c.payload,
+            table.c.created_at,
+            table.c.seq,
+            _payload_bytes(table, conn.dialect.name).label("size"),
+        )
+        .where(*conditions)
+        .order_by(*ordered((table.c.created_at, table.c.seq)))
+        .limit(limit + 1)
+        .subquery("page")
+    )
+    page_order = ordered((page.c.created_at, page.c.seq))
+    sized = select(
+        page.c.id,
+        page.c.payload,
+        page.c.created_at,
+        page.c.seq,
+        (func.sum(page.c.size).over(order_by=page_order) - page.c.size).label("before"),
+        func.count().over().label("fetched"),
+    ).subquery("sized")
+    query = (
+        select(sized.c.id, sized.c.payload, sized.c.fetched)
+        .where(sized.c.before < max_bytes)
+        .order_by(*ordered((sized.c.created_at, sized.c.seq)))
+    )
+    rows = list(conn.execute(query))
+    kept = rows[:limit]
+    return kept, bool(rows) and rows[0].fetched > len(kept)

@@ -8,15 +8,18 @@ methods run their blocking SQLAlchemy work on native OS threads (see
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import secrets
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from contextvars import ContextVar
 from datetime import datetime
-from functools import lru_cache
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from chatkit.store import NotFoundError, Store
+from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
 from chatkit.types import Attachment, Page, SDKHiddenContextItem, ThreadItem, ThreadMetadata
 from pydantic import TypeAdapter
 from sqlalchemy import (
@@ -25,20 +28,19 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
-    insert,
     inspect,
     select,
 )
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from ..bridge.native import NativeThreadPool, native_lock
 from .schema import (
     build_engine,
     build_tables,
     db_time,
-    dialect_insert,
     engine_pool_capacity,
+    insert_new,
     is_sqlite_memory,
     keyset_page,
     upsert,
@@ -46,11 +48,32 @@ from .schema import (
 from .version import check as check_version
 from .version import read_version, record_version
 
-__all__ = ["SQLAlchemyStore", "default_owner"]
+__all__ = ["DuplicateIdError", "SQLAlchemyStore", "default_owner"]
 
 T = TypeVar("T")
 _THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _CHUNK = 500
+DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
+ID_RANDOM_BYTES = 16  # 128 random bits per id (the SDK's ids carry 32)
+_FRESH_IDS_KEPT = 10_000  # bound of the id bookkeeping below (generated, cancelled)
+
+
+class DuplicateIdError(Exception):
+    """A thread or item was inserted with an id its owner (thread) already has.
+
+    Raised instead of overwriting the existing row or silently dropping the new
+    one; the transaction is rolled back, so nothing of the insert is kept.
+    """
+
+
+def _random_hex() -> str:
+    return secrets.token_hex(ID_RANDOM_BYTES)
+
+
+@cache
+def _id_prefix(kind: StoreItemType) -> str:
+    # The SDK's own prefix for this kind ("thr", "msg", ...), without naming its private table.
+    return default_generate_id(kind).rpartition("_")[0]
 
 
 @lru_cache(maxsize=1)
@@ -108,12 +131,15 @@ class SQLAlchemyStore(Store[Any]):
         owner: Callable[[Any], str] = default_owner,
         table_prefix: str = "chatkit_",
         pool_size: int | None = None,
+        max_page_bytes: int | None = DEFAULT_MAX_PAGE_BYTES,
     ) -> None:
         if isinstance(bind, Engine):
             self.engine = bind
         else:
             self.engine = build_engine(bind, pool_size=pool_size)
         self._owner = owner
+        # A page of items also ends once its payloads reach this many bytes (None: no bound).
+        self.max_page_bytes = max_page_bytes
         # Called (sync, after commit) with the ids of attachment rows removed along
         # with their threads, so their files can go too; the extension wires it.
         self.on_attachments_deleted: Callable[[list[str]], None] | None = None
@@ -125,6 +151,11 @@ class SQLAlchemyStore(Store[Any]):
         self.attachments = tables.attachments
         self.schema_version_table = tables.schema_version
         self.dialect = self.engine.dialect.name
+        # Thread ids this store generated and has not written yet: their first
+        # save_thread is the creation, an insert that must not meet an existing row.
+        self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
+        # (owner, thread, item) of item inserts whose caller was cancelled mid-write.
+        self._cancelled_adds: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -207,9 +238,37 @@ class SQLAlchemyStore(Store[Any]):
         inspector = inspect(self.engine)
         return [name for name in self.metadata.tables if not inspector.has_table(name)]
 
+    async def ping(self) -> None:
+        """``SELECT 1`` on a pooled connection (the health route's database check)."""
+        await self._run(self._ping)
+
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()
+
+    # -- ids ----------------------------------------------------------------------
+    def generate_thread_id(self, context: Any) -> str:
+        """``thr_`` + 32 hex digits (128 random bits; the SDK's default has 32 bits)."""
+        thread_id = f"{_id_prefix('thread')}_{_random_hex()}"
+        fresh = self._fresh_thread_ids
+        fresh[thread_id] = None
+        while len(fresh) > _FRESH_IDS_KEPT:  # generated but never saved: forget the oldest
+            fresh.popitem(last=False)
+        return thread_id
+
+    def generate_item_id(
+        self, item_type: StoreItemType, thread: ThreadMetadata, context: Any
+    ) -> str:
+        """The SDK's prefix for ``item_type`` + 32 hex digits (128 random bits)."""
+        return f"{_id_prefix(item_type)}_{_random_hex()}"
+
+    def _is_creation(self, thread_id: str) -> bool:
+        """Whether this write of ``thread_id`` creates it (first save of a generated id)."""
+        try:
+            del self._fresh_thread_ids[thread_id]
+        except KeyError:
+            return False
+        return True
 
     # -- sync implementations (run on the pool) ------------------------------
     def _ping(self) -> None:
@@ -235,9 +294,18 @@ class SQLAlchemyStore(Store[Any]):
             "payload": _thread_payload(thread),
         }
 
-    def _save_thread(self, owner: str, thread: ThreadMetadata) -> None:
+    def _save_thread(self, owner: str, thread: ThreadMetadata, create: bool = False) -> None:
         with self._tx(write=True) as conn:
-            upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread))
+            if create:
+                self._insert_thread(conn, owner, thread)
+            else:
+                upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread))
+
+    def _insert_thread(self, conn: Connection, owner: str, thread: ThreadMetadata) -> None:
+        # A new thread never takes over an existing one of its owner (its title, its
+        # items). Another owner's thread with the same id is another row, untouched.
+        if not insert_new(conn, self.threads, ("owner", "id"), self._thread_values(owner, thread)):
+            raise DuplicateIdError(f"Thread {thread.id} already exists")
 
     def _load_threads(
         self, owner: str, limit: int, after: str | None, order: str
@@ -254,7 +322,9 @@ class SQLAlchemyStore(Store[Any]):
         i = self.items
         scope = and_(i.c.thread_id == thread_id, i.c.owner == owner)
         with self._tx() as conn:
-            rows, more = keyset_page(conn, i, scope, after, limit, order, "Item")
+            rows, more = keyset_page(
+                conn, i, scope, after, limit, order, "Item", self.max_page_bytes
+            )
         adapter = _item_adapter()
         data = [adapter.validate_python(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
@@ -272,19 +342,14 @@ class SQLAlchemyStore(Store[Any]):
         self, owner: str, thread_id: str, item: ThreadItem, new_thread: ThreadMetadata | None = None
     ) -> None:
         values = self._item_values(owner, thread_id, item)
-        stmt = dialect_insert(self.dialect, self.items)
         with self._tx(write=True) as conn:
             if new_thread is not None:
-                upsert(conn, self.threads, ("owner", "id"), self._thread_values(owner, new_thread))
-            if stmt is not None:
-                conn.execute(
-                    stmt.values(**values).on_conflict_do_nothing(
-                        index_elements=["owner", "thread_id", "id"]
-                    )
-                )
-                return
-            with contextlib.suppress(IntegrityError), conn.begin_nested():
-                conn.execute(insert(self.items).values(**values))
+                self._insert_thread(conn, owner, new_thread)
+            # Never an overwrite, never a silent drop: the SDK only adds new items,
+            # so an id the thread already holds is a clash. Items of other threads
+            # and owners with the same id are other rows, untouched.
+            if not insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
+                raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
 
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
@@ -302,6 +367,21 @@ class SQLAlchemyStore(Store[Any]):
         if payload is None:
             raise NotFoundError(f"Item {item_id} not found")
         return _item_adapter().validate_python(payload)
+
+    def _owned_item_ids(self, owner: str, thread_id: str, item_ids: Sequence[str]) -> set[str]:
+        i = self.items
+        found: set[str] = set()
+        with self._tx() as conn:
+            for start in range(0, len(item_ids), _CHUNK):
+                chunk = item_ids[start : start + _CHUNK]
+                found.update(
+                    conn.execute(
+                        select(i.c.id).where(
+                            i.c.owner == owner, i.c.thread_id == thread_id, i.c.id.in_(chunk)
+                        )
+                    ).scalars()
+                )
+        return found
 
     def _delete_thread_item(self, owner: str, thread_id: str, item_id: str) -> None:
         i = self.items
@@ -374,14 +454,14 @@ class SQLAlchemyStore(Store[Any]):
         owner = self.owner_key(context)
         pending = _new_thread.get()
         if pending is not None and (pending.armed or pending.get(owner, thread.id)):
-            if pending.armed:
-                # Still touch the database now: an outage must fail the request
-                # with a 503 before its stream starts, not after thread.created.
-                await self._run(self._ping)
+            # Held until its first item. No database round trip here: the view holds
+            # thread.created until that write, so an outage still fails the request
+            # with a plain HTTP error before any byte of the stream is sent.
             pending.armed = False
+            self._is_creation(thread.id)  # written by an insert with its first item
             pending.threads[thread.id] = (owner, thread.model_copy(deep=True))
             return
-        await self._run(self._save_thread, owner, thread)
+        await self._run(self._save_thread, owner, thread, self._is_creation(thread.id))
 
     async def load_thread_items(
         self, thread_id: str, after: str | None, limit: int, order: str, context: Any
@@ -409,12 +489,34 @@ class SQLAlchemyStore(Store[Any]):
         pending = _new_thread.get()
         held = pending.get(owner, thread_id) if pending is not None else None
         if pending is None or held is None:
-            await self._run(self._add_thread_item, owner, thread_id, item)
+            await self._insert_item(owner, thread_id, item)
             return
         if isinstance(item, SDKHiddenContextItem):
             return  # cancelled before the user message: the empty thread is never written
-        await self._run(self._add_thread_item, owner, thread_id, item, held)
+        await self._insert_item(owner, thread_id, item, held)
         pending.threads.pop(thread_id, None)
+
+    async def _insert_item(
+        self, owner: str, thread_id: str, item: ThreadItem, held: ThreadMetadata | None = None
+    ) -> None:
+        key = (owner, thread_id, item.id)
+        try:
+            await self._run(self._add_thread_item, owner, thread_id, item, held)
+        except asyncio.CancelledError:
+            # The write goes on in its worker thread and may commit, while ChatKit,
+            # seeing the cancel, adds the same item again (as a pending one in
+            # handle_stream_cancelled). That second add is no clash: remember it.
+            cancelled = self._cancelled_adds
+            cancelled[key] = None
+            while len(cancelled) > _FRESH_IDS_KEPT:
+                cancelled.popitem(last=False)
+            raise
+        except DuplicateIdError:
+            if key not in self._cancelled_adds:
+                raise
+            del self._cancelled_adds[key]  # the cancelled add got there first: keep it
+            return
+        self._cancelled_adds.pop(key, None)
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         pending = _new_thread.get()
@@ -426,6 +528,17 @@ class SQLAlchemyStore(Store[Any]):
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
         owner = self.owner_key(context)
         return await self._run(self._load_item, owner, thread_id, item_id)
+
+    async def owned_item_ids(
+        self, thread_id: str, item_ids: Sequence[str], context: Any
+    ) -> set[str]:
+        """Which of ``item_ids`` are items of the caller's thread: one query per 500 ids.
+
+        Not part of chatkit's Store; the Flask view uses it to check the ids of
+        a request (e.g. ``items.feedback``) at once instead of one by one.
+        """
+        owner = self.owner_key(context)
+        return await self._run(self._owned_item_ids, owner, thread_id, list(item_ids))
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
         pending = _new_thread.get()

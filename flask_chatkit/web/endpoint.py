@@ -33,10 +33,15 @@ from .errors import (
     http_exception_response,
     method_not_allowed,
 )
+from .json_limits import check_metadata_size
+from .new_thread import hold_until_stored
+from .observe import RequestObserver, count_error_response
 from .peek import request_body
+from .preconditions import check_implemented, check_items_exist, check_sdk_preconditions
 from .protocol import (
     clamp_page_limit,
     iter_owned_refs_checks,
+    limit_lists,
     owned_refs,
     parse_request,
     process_parsed,
@@ -51,8 +56,10 @@ ALL_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def create_blueprint(*, console: bool = False) -> Blueprint:
-    bp = Blueprint("chatkit", __name__, static_folder="static", static_url_path="/static")
+def create_blueprint(*, console: bool = False, health: bool = True) -> Blueprint:
+    # No static folder: the console page is read by its own view, so nothing of
+    # it is served (not even <prefix>/static/console.html) while it is off.
+    bp = Blueprint("chatkit", __name__)
     # Every method reaches the view so a wrong one gets the JSON 405, not HTML.
     bp.add_url_rule("", "endpoint", chatkit_endpoint, methods=ALL_METHODS, strict_slashes=False)
     from .uploads import register_attachment_routes
@@ -60,6 +67,10 @@ def create_blueprint(*, console: bool = False) -> Blueprint:
     register_attachment_routes(bp, ALL_METHODS)
     # Unknown paths under the prefix get the JSON 404 too, not Flask's HTML page.
     bp.add_url_rule("/<path:unknown>", "unknown", _unknown_path, methods=ALL_METHODS)
+    if health:  # off: the JSON 404 of unknown paths
+        from .health import health_view
+
+        bp.add_url_rule("/health", "health", health_view, methods=ALL_METHODS)
     if console:
         from .console import console_view
 
@@ -83,7 +94,9 @@ def _before_request() -> Response | None:
 
 def _after_request(response: Response) -> Response:
     response.headers.setdefault("X-Request-ID", g.get("chatkit_request_id", ""))
-    apply_cors(response, get_state().settings)
+    state = get_state()
+    apply_cors(response, state.settings)
+    count_error_response(state, request.endpoint, response.status_code)
     return response
 
 
@@ -129,15 +142,24 @@ def chatkit_endpoint() -> Response:
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
     parsed = parse_request(body)
-    if clamp_page_limit(parsed, settings.max_page_size):
+    if clamp_page_limit(parsed, settings.max_page_size) | limit_lists(parsed):
         body = serialize_request(parsed)
+    check_metadata_size(parsed.metadata, settings.max_metadata_bytes)
     context = state.context_loader(request, parsed.metadata)
+    parsed.metadata = {}  # ChatKit never reads it: only the context keeps its copy
     state.ensure_schema()
-    return run_chatkit_request(state, parsed, body, context)
+    thread_id = getattr(parsed.params, "thread_id", None)
+    observer = RequestObserver(state, parsed.type, context, thread_id)
+    with observer.active():  # the request's span is current while ChatKit runs
+        return run_chatkit_request(state, parsed, body, context, observer)
 
 
 def run_chatkit_request(
-    state: ChatKitState, parsed: ChatKitReq, body: bytes, context: Any
+    state: ChatKitState,
+    parsed: ChatKitReq,
+    body: bytes,
+    context: Any,
+    observer: RequestObserver,
 ) -> Response:
     # Flask's app/request contexts and Flask-Login's user live in contextvars:
     # the copy makes them visible inside respond() on the loop thread.
@@ -146,27 +168,36 @@ def run_chatkit_request(
     if isinstance(parsed, ThreadsCreateReq) and callable(defer_new_thread):
         ctx.run(defer_new_thread)  # no empty thread if the first write fails
 
+    check_implemented(state.server, parsed)  # 501 before any store work
+
     async def start() -> Any:
-        await verify_ownership(state.store, parsed, context)
+        await verify_ownership(state.server.store, parsed, context)
+        await check_sdk_preconditions(state.server.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
     if not isinstance(result, StreamingResult):
+        observer.responded(200)
         return Response(result.json, mimetype="application/json")
 
     settings = state.settings
+    # A new thread's id goes out only once the thread can be read (see new_thread.py).
+    source = hold_until_stored(result) if isinstance(parsed, ThreadsCreateReq) else result
     stream = Stream(
         state.loop_thread,
-        result,
+        source,
         ctx,
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
         on_disconnect=settings.on_disconnect,
+        on_end=observer.stream_ended,
+        started=observer.started,
     )
     stream.start()
     first = stream.first()
     if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
         raise first.exc
+    observer.stream_started(first)
     return Response(
         stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
     )
@@ -185,9 +216,6 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
         try:
             if kind == "thread":
                 await store.load_thread(ref_id, context=context)
-            elif kind == "item":
-                assert refs.thread_id is not None
-                await store.load_item(refs.thread_id, ref_id, context=context)
             else:
                 attachment = await store.load_attachment(ref_id, context=context)
                 if must_be_uploaded and not is_uploaded(attachment):
@@ -196,3 +224,5 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
                     )
         except NotFoundError:
             raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None
+        if kind == "thread" and ref_id == refs.thread_id and refs.item_ids:
+            await check_items_exist(store, ref_id, refs.item_ids, context)

@@ -24,6 +24,7 @@ STATUS_CODES: dict[int, str] = {
     415: "unsupported_media_type",
     429: "rate_limited",
     500: "internal_error",
+    501: "not_implemented",
     503: "service_unavailable",
 }
 

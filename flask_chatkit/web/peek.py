@@ -13,6 +13,7 @@ import json
 from flask import current_app, g, request
 
 from .errors import ChatKitHTTPException
+from .json_limits import check_json_shape
 
 __all__ = ["MESSAGE_REQUEST_TYPES", "chatkit_request_type", "is_message_request", "request_body"]
 
@@ -60,7 +61,9 @@ def chatkit_request_type() -> str | None:
         return None
     limit = current_app.extensions["chatkit"].settings.max_request_bytes
     try:
-        payload = json.loads(request_body(limit))
+        body = request_body(limit)
+        check_json_shape(body)  # never build a pathological body here either (413 later)
+        payload = json.loads(body)
     except (ChatKitHTTPException, ValueError, RecursionError):
         return None
     kind = payload.get("type") if isinstance(payload, dict) else None

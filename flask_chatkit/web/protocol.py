@@ -19,6 +19,7 @@ from chatkit.logger import logger as sdk_logger
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
     ChatKitReq,
+    ItemsFeedbackReq,
     ItemsListReq,
     ThreadsListReq,
     UserMessageInput,
@@ -28,10 +29,17 @@ from chatkit.version import __version__ as sdk_version
 from pydantic import TypeAdapter, ValidationError
 
 from .errors import bad_request
+from .json_limits import check_json_shape
 
 logger = logging.getLogger("flask_chatkit")
 
 REQUEST_ADAPTER: TypeAdapter[ChatKitReq] = TypeAdapter(ChatKitReq)
+
+# Most item ids one request may name (items.feedback, after removing repeats)
+# and most attachments one message may carry: each is a store lookup.
+MAX_ITEM_IDS = 100
+# Most content parts in one user message (each becomes a model, stored and streamed back).
+MAX_CONTENT_PARTS = 100
 
 # The SDK internals the fast path calls; checked once per server class.
 _FAST_PATH_HOOKS = ("_process_streaming", "_process_non_streaming")
@@ -58,7 +66,11 @@ FAST_PATH_AVAILABLE = _sdk_process_unchanged()
 
 
 def parse_request(body: bytes) -> ChatKitReq:
-    """Validate a raw body into a ChatKit request, or raise a 400 with a useful message."""
+    """Validate a raw body into a ChatKit request, or raise a 400 with a useful message.
+
+    A body that would parse into too many values is a 413 before it is parsed.
+    """
+    check_json_shape(body)
     try:
         return REQUEST_ADAPTER.validate_json(body)
     except ValidationError as exc:
@@ -96,6 +108,37 @@ def clamp_page_limit(request: ChatKitReq, max_page_size: int) -> bool:
     return False
 
 
+def limit_lists(request: ChatKitReq) -> bool:
+    """Bound the lists a request may name; True when the request was changed.
+
+    ``items.feedback`` ids lose their repeats (first kept) and, like a message's
+    attachments, are capped at ``MAX_ITEM_IDS``: each one is checked against the
+    store before ChatKit runs. A message's content parts are capped at
+    ``MAX_CONTENT_PARTS``. Past a cap: 400.
+    """
+    params: Any = getattr(request, "params", None)
+    user_input = getattr(params, "input", None)
+    if isinstance(user_input, UserMessageInput):
+        _check_count("input.content", len(user_input.content), MAX_CONTENT_PARTS)
+        _check_count("input.attachments", len(user_input.attachments), MAX_ITEM_IDS)
+    if not isinstance(request, ItemsFeedbackReq):
+        return False
+    ids = request.params.item_ids
+    unique = list(dict.fromkeys(ids))
+    _check_count("item_ids", len(unique), MAX_ITEM_IDS)
+    if len(unique) == len(ids):
+        return False
+    request.params.item_ids = unique
+    return True
+
+
+def _check_count(field: str, count: int, limit: int) -> None:
+    if count > limit:
+        raise bad_request(
+            f"'{field}' names {count} entries; at most {limit} are allowed.", "invalid_request"
+        )
+
+
 @dataclass(frozen=True)
 class OwnedRefs:
     """Ids a request names that must belong to the caller before ChatKit runs."""
@@ -126,13 +169,14 @@ def owned_refs(request: ChatKitReq) -> OwnedRefs:
 
 
 def iter_owned_refs_checks(refs: OwnedRefs) -> Iterator[tuple[str, str]]:
-    """(kind, id) pairs in the order the view verifies them."""
+    """(kind, id) pairs of threads and attachments, in the order the view verifies them.
+
+    Item ids are checked together, in one store call (``check_items_exist``).
+    """
     if refs.thread_id:
         yield "thread", refs.thread_id
     if refs.thread_after:
         yield "thread", refs.thread_after
-    for item_id in refs.item_ids:
-        yield "item", item_id
     for attachment_id in refs.attachment_ids:
         yield "attachment", attachment_id
 

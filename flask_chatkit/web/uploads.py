@@ -34,6 +34,7 @@ from ..attachments import (
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
 from .errors import ChatKitHTTPException, method_not_allowed
+from .observe import attachment_stored
 
 T = TypeVar("T")
 
@@ -94,6 +95,7 @@ class _Call:
         except BaseException:
             self.files.storage.delete(attachment.id)
             raise
+        attachment_stored(attachment.id, declared_size(attachment), self.context)
 
     def store_body(self, attachment_id: str, chunks: Iterator[bytes]) -> int:
         limit = self.files.max_bytes

@@ -1,0 +1,147 @@
+"""Requests the SDK refuses: 400 ``invalid_request`` or 501 ``not_implemented``, never a 500.
+
+On ChatKit's own, each of these raised ValueError / NotImplementedError inside
+the SDK: a 500 and a traceback in the log. The view now checks the same
+conditions before ChatKit runs.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+from typing import Any
+
+import pytest
+from chatkit.types import (
+    AssistantMessageItem,
+    SyncCustomActionResponse,
+    ThreadItemDoneEvent,
+    TranscriptionResult,
+    UserMessageItem,
+)
+from flask.testing import FlaskClient
+
+from flask_chatkit.testing import ChatKitClient
+
+from .apps import ScriptedServer, create_test_app
+from .memory_store import MemoryStore
+from .test_endpoint import assert_json_error, post, thread_id_of
+
+
+def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    assert [r.getMessage() for r in caplog.records if r.exc_info] == []
+    assert "Traceback" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def transcribe_request() -> dict[str, Any]:
+    audio = base64.b64encode(b"\x1a\x45\xdf\xa3 not really webm").decode()
+    return {
+        "type": "input.transcribe",
+        "params": {"audio_base64": audio, "mime_type": "audio/webm"},
+    }
+
+
+def thread_with_reply(alice: ChatKitClient) -> tuple[str, str, str]:
+    events = alice.create_thread("hello words=2")
+    done = [e.item for e in events if isinstance(e, ThreadItemDoneEvent)]
+    user = next(i for i in done if isinstance(i, UserMessageItem))
+    assistant = next(i for i in done if isinstance(i, AssistantMessageItem))
+    return thread_id_of(events), user.id, assistant.id
+
+
+def test_transcribe_without_transcribe_is_501(
+    client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    error = assert_json_error(post(client, transcribe_request()), 501, "not_implemented")
+    assert "input.transcribe" in error["message"]
+    assert_no_traceback(caplog)
+
+
+def test_sync_custom_action_without_sync_action_is_501(
+    client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread_id, _, _ = thread_with_reply(alice)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    action = {
+        "type": "threads.sync_custom_action",
+        "params": {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}},
+    }
+    assert_json_error(post(client, action), 501, "not_implemented")
+    assert_no_traceback(caplog)
+
+
+def test_client_tool_output_without_pending_call_is_400(
+    client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread_id, _, _ = thread_with_reply(alice)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    request = {
+        "type": "threads.add_client_tool_output",
+        "params": {"thread_id": thread_id, "result": {"ok": True}},
+    }
+    error = assert_json_error(post(client, request), 400, "invalid_request")
+    assert "pending client tool call" in error["message"]
+    assert_no_traceback(caplog)
+    assert len(alice.list_items(thread_id).data) == 2  # nothing changed
+
+
+def test_retry_after_an_assistant_item_is_400_and_a_user_item_still_works(
+    client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread_id, user_id, assistant_id = thread_with_reply(alice)
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    retry: dict[str, Any] = {
+        "type": "threads.retry_after_item",
+        "params": {"thread_id": thread_id, "item_id": assistant_id},
+    }
+    error = assert_json_error(post(client, retry), 400, "invalid_request")
+    assert "not a user message" in error["message"]
+    assert_no_traceback(caplog)
+    assert [i.id for i in alice.list_items(thread_id).data] == [user_id, assistant_id]
+
+    retry["params"]["item_id"] = user_id
+    events = alice.send(retry)
+    assert any(isinstance(e, ThreadItemDoneEvent) for e in events)
+
+
+class FullServer(ScriptedServer):
+    """Implements the optional operations, so none of them is a 501."""
+
+    async def transcribe(self, audio_input: Any, context: Any) -> TranscriptionResult:
+        return TranscriptionResult(text=f"{len(audio_input.data)} bytes")
+
+    async def sync_action(
+        self, thread: Any, action: Any, sender: Any, context: Any
+    ) -> SyncCustomActionResponse:
+        return SyncCustomActionResponse()
+
+
+def test_implemented_operations_are_served_and_a_non_widget_sender_is_400(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_test_app(
+        store=MemoryStore(), server_cls=FullServer, instance_path=str(tmp_path / "i")
+    )
+    client = app.test_client()
+    client.post("/login/alice")
+    alice = ChatKitClient(client)
+    response = post(client, transcribe_request())
+    assert response.status_code == 200 and response.get_json()["text"].endswith("bytes")
+
+    thread_id, user_id, _ = thread_with_reply(alice)
+    action: dict[str, Any] = {
+        "type": "threads.sync_custom_action",
+        "params": {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}},
+    }
+    assert post(client, action).status_code == 200
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    action["params"]["item_id"] = user_id
+    error = assert_json_error(post(client, action), 400, "invalid_request")
+    assert "not a widget" in error["message"]
+    assert_no_traceback(caplog)
