@@ -11,8 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=.venv/bin/uv
 [ $# -gt 0 ] || set -- python3
+failed=()
 
-for python in "$@"; do
+test_one() {
+    local python=$1 version venv started
     version=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
     venv=".venv-min-$version"
     started=$(date +%s)
@@ -30,4 +32,18 @@ for python in "$@"; do
     "$venv/bin/python" -m pytest -q -p no:cacheprovider \
         tests/test_readme.py::test_quickstart_under_gunicorn_gevent
     echo "test-min: Python $version passed in $(( $(date +%s) - started )) s"
+}
+
+# Every Python gets its run; the exit status says whether all passed.
+# (not `( … ) || …`: that would switch `set -e` off inside the subshell)
+for python in "$@"; do
+    set +e
+    ( set -e; test_one "$python" )
+    status=$?
+    set -e
+    [ "$status" -eq 0 ] || failed+=("$python")
 done
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "test-min: FAILED on ${failed[*]}" >&2
+    exit 1
+fi
