@@ -17,16 +17,16 @@ Two layers:
   ``<prefix>/attachments/<id>/content``. The declared size and the upload state
   are kept in the attachment's ``metadata`` (ChatKit never sends it to clients).
 
-Object storage: implement the four methods of :class:`AttachmentStorage` and
-pass it in; everything else (routes, limits, ownership) stays the same::
+Object storage: ``CHATKIT_ATTACHMENTS_URL = "s3://bucket/prefix"`` selects
+:class:`~flask_chatkit.storage.s3.S3Storage`. Any storage that also offers
+presigned URLs (:class:`~flask_chatkit.storage.disk.PresigningStorage`) gets
+two-phase uploads straight to the bucket: the descriptor is a presigned ``PUT``
+for the declared type and size, and the first message naming the attachment
+checks the object (409 until it is there; a mismatching object is deleted).
 
-    class S3Storage:
-        def save(self, attachment_id, chunks, max_bytes): ...  # multipart upload, abort on error
-        def open(self, attachment_id): ...                     # a readable binary file object
-        def delete(self, attachment_id): ...
-        def exists(self, attachment_id): ...
-
-    ChatKit(app, MyServer, attachment_store=FileAttachmentStore(S3Storage(bucket)))
+URLs are never stored absolute: rows and items keep ``chatkit-app:///…`` paths
+relative to the blueprint, made absolute as responses are served
+(:mod:`flask_chatkit.web.urls`).
 
 Limits and allowed types default to the app's ``CHATKIT_*`` settings, read at
 request time, so one ``FileAttachmentStore`` may serve several apps.
@@ -38,6 +38,7 @@ import asyncio
 import logging
 import mimetypes
 import re
+import threading
 import unicodedata
 import uuid
 from collections.abc import Iterable, Sequence
@@ -50,16 +51,19 @@ from chatkit.types import (
     FileAttachment,
     ImageAttachment,
 )
-from flask import Flask, current_app, has_app_context, url_for
+from flask import Flask, current_app, has_app_context
 from pydantic import AnyUrl
 
-from .config import read_settings
+from .config import Settings, read_settings
 from .storage.disk import (
     AttachmentStorage,
     DiskStorage,
+    PresigningStorage,
+    StorageUnavailable,
     is_valid_attachment_id,
 )
 from .web.errors import ChatKitHTTPException
+from .web.urls import content_url, upload_url
 
 logger = logging.getLogger("flask_chatkit")
 
@@ -122,14 +126,6 @@ def declared_size(attachment: AnyAttachment) -> int | None:
     return size if isinstance(size, int) else None
 
 
-def content_url(attachment_id: str) -> str:
-    return url_for("chatkit.attachment_content", attachment_id=attachment_id, _external=True)
-
-
-def upload_url(attachment_id: str) -> str:
-    return url_for("chatkit.attachment_upload", attachment_id=attachment_id, _external=True)
-
-
 def build_attachment(
     attachment_id: str,
     name: str,
@@ -138,10 +134,10 @@ def build_attachment(
     size: int,
     uploaded: bool,
     thread_id: str | None = None,
+    descriptor: AttachmentUploadDescriptor | None = None,
 ) -> AnyAttachment:
-    """An Attachment for this app's routes (needs an app + request context for URLs)."""
-    descriptor = None
-    if not uploaded:
+    """An Attachment for this app's routes; pending ones upload to our route by default."""
+    if not uploaded and descriptor is None:
         descriptor = AttachmentUploadDescriptor(
             url=AnyUrl(upload_url(attachment_id)), method="POST", headers={}
         )
@@ -149,7 +145,7 @@ def build_attachment(
         "id": attachment_id,
         "name": safe_name(name),
         "mime_type": normalize_mime(mime_type),
-        "upload_descriptor": descriptor,
+        "upload_descriptor": None if uploaded else descriptor,
         "thread_id": thread_id,
         "metadata": {"size": size, "uploaded": uploaded},
     }
@@ -176,8 +172,8 @@ def attachment_json(attachment: AnyAttachment) -> str:
 class FileAttachmentStore(AttachmentStore[Any]):
     """ChatKit's attachment hooks on top of an :class:`AttachmentStorage`.
 
-    ``storage`` defaults to :class:`DiskStorage` on the current app's
-    ``CHATKIT_ATTACHMENTS_DIR``; ``max_bytes`` and ``allowed_mime_types``
+    ``storage`` defaults to the current app's (``CHATKIT_ATTACHMENTS_URL`` or
+    ``CHATKIT_ATTACHMENTS_DIR``); ``max_bytes`` and ``allowed_mime_types``
     default to ``CHATKIT_MAX_ATTACHMENT_BYTES`` / ``CHATKIT_ALLOWED_MIME_TYPES``.
     ``store`` (the owner-scoped thread store) lets ``delete_attachment`` refuse
     another user's id on its own; without it the app's store is used.
@@ -202,7 +198,13 @@ class FileAttachmentStore(AttachmentStore[Any]):
     def storage(self) -> AttachmentStorage:
         if self._storage is not None:
             return self._storage
-        return DiskStorage(current_app.extensions["chatkit"].settings.attachments_dir)
+        return storage_for(current_app.extensions["chatkit"].settings)
+
+    @property
+    def presigning(self) -> PresigningStorage | None:
+        """The storage, when clients upload to and read from it directly."""
+        storage = self.storage
+        return storage if isinstance(storage, PresigningStorage) else None
 
     @property
     def max_bytes(self) -> int:
@@ -216,6 +218,9 @@ class FileAttachmentStore(AttachmentStore[Any]):
             return self._allowed
         return tuple(current_app.extensions["chatkit"].settings.allowed_mime_types)
 
+    def _owner_store(self) -> Store[Any] | None:
+        return self.store if self.store is not None else _app_store()
+
     def discard_files(self, attachment_ids: list[str]) -> None:
         """Remove stored files whose rows are gone (threads deleted or pruned)."""
         storage = self._storage
@@ -224,8 +229,15 @@ class FileAttachmentStore(AttachmentStore[Any]):
         for attachment_id in attachment_ids:
             try:
                 storage.delete(attachment_id)
-            except (OSError, ValueError):
+            except (OSError, ValueError, StorageUnavailable):
                 logger.warning("could not remove attachment file %s", attachment_id)
+
+    def save_bytes(self, attachment_id: str, chunks: Iterable[bytes], mime_type: str) -> int:
+        """Stream ``chunks`` into storage (AttachmentTooLarge past the limit)."""
+        presigning = self.presigning
+        if presigning is not None:
+            return presigning.save(attachment_id, chunks, self.max_bytes, content_type=mime_type)
+        return self.storage.save(attachment_id, chunks, self.max_bytes)
 
     def check_mime(self, mime_type: str) -> str:
         mime = normalize_mime(mime_type)
@@ -248,14 +260,99 @@ class FileAttachmentStore(AttachmentStore[Any]):
         mime = self.check_mime(input.mime_type)
         self.check_size(input.size)
         attachment_id = self.generate_attachment_id(mime, context)
-        return build_attachment(attachment_id, input.name, mime, size=input.size, uploaded=False)
+        descriptor = None
+        presigning = self.presigning
+        if presigning is not None:  # the bytes go straight to the bucket
+            await asyncio.to_thread(presigning.ready)  # 503 now, not a failed PUT later
+            url, headers = presigning.presign_upload(attachment_id, mime, input.size)
+            descriptor = AttachmentUploadDescriptor(url=AnyUrl(url), method="PUT", headers=headers)
+        return build_attachment(
+            attachment_id, input.name, mime, size=input.size, uploaded=False, descriptor=descriptor
+        )
 
     async def delete_attachment(self, attachment_id: str, context: Any) -> None:
-        store = self.store if self.store is not None else _app_store()
+        store = self._owner_store()
         if store is not None:  # NotFoundError (404) for an unknown or foreign id
             await store.load_attachment(attachment_id, context)
         if is_valid_attachment_id(attachment_id):
             await asyncio.to_thread(self.storage.delete, attachment_id)
+
+    # -- upload claims: first upload wins, the second gets a 409 ----------------
+    async def claim_upload(self, attachment: AnyAttachment, context: Any) -> None:
+        """Take the right to upload ``attachment``'s bytes, or raise 409."""
+        store = self._owner_store()
+        claim = getattr(store, "claim_attachment_upload", None)
+        if callable(claim):
+            if not await claim(attachment.id, context):
+                raise already_uploaded(attachment.id)
+            return
+        if is_uploaded(attachment) or attachment.upload_descriptor is None:
+            raise already_uploaded(attachment.id)  # stores without claims: best effort
+
+    async def release_upload(self, attachment_id: str, context: Any) -> None:
+        release = getattr(self._owner_store(), "release_attachment_upload", None)
+        if callable(release):
+            await release(attachment_id, context)
+
+    async def complete_upload(
+        self, attachment: AnyAttachment, context: Any, *, claimed: bool = True
+    ) -> bool:
+        """Record the bytes as uploaded; False when another upload got there first."""
+        store = self._owner_store()
+        complete = getattr(store, "complete_attachment_upload", None)
+        if callable(complete):
+            return bool(await complete(attachment, context, claimed=claimed))
+        if store is not None:
+            await store.save_attachment(attachment, context)
+        return True
+
+    async def confirm_uploaded(self, attachment: AnyAttachment, context: Any) -> None:
+        """Before a message may carry ``attachment``: 409 unless its bytes are stored.
+
+        On a presigning storage the client put the bytes in the bucket itself:
+        the object must exist with the declared size and type; a mismatching
+        object is deleted (the client may PUT again while its URL is valid).
+        """
+        if is_uploaded(attachment):
+            return
+        presigning = self.presigning
+        if presigning is None or attachment.upload_descriptor is None:
+            raise not_uploaded_yet(attachment.id)
+        info = await asyncio.to_thread(presigning.stat, attachment.id)
+        if info is None:
+            raise not_uploaded_yet(attachment.id)
+        expected = declared_size(attachment)
+        mime = normalize_mime(attachment.mime_type)
+        if info.size != expected or normalize_mime(info.content_type) != mime:
+            await asyncio.to_thread(presigning.delete, attachment.id)
+            raise ChatKitHTTPException(
+                409,
+                f"Attachment {attachment.id} was uploaded as {info.size} bytes of "
+                f"{normalize_mime(info.content_type) or '?'!r}, not the declared {expected} "
+                f"bytes of {mime!r}; it was discarded, upload it again.",
+            )
+        if not await self.complete_upload(
+            mark_uploaded(attachment, info.size), context, claimed=False
+        ):
+            # Another request confirmed it (fine) or an upload through our route holds it.
+            current = await self._reload(attachment.id, context)
+            if current is None or not is_uploaded(current):
+                raise not_uploaded_yet(attachment.id)
+
+    async def _reload(self, attachment_id: str, context: Any) -> AnyAttachment | None:
+        store = self._owner_store()
+        if store is None:
+            return None
+        loaded: AnyAttachment = await store.load_attachment(attachment_id, context)
+        return loaded
+
+
+def already_uploaded(attachment_id: str) -> ChatKitHTTPException:
+    return ChatKitHTTPException(409, f"Attachment {attachment_id} was already uploaded.")
+
+
+def not_uploaded_yet(attachment_id: str) -> ChatKitHTTPException:
+    return ChatKitHTTPException(409, f"Attachment {attachment_id} has not been uploaded yet.")
 
 
 def _app_store() -> Store[Any] | None:
@@ -265,6 +362,31 @@ def _app_store() -> Store[Any] | None:
     return getattr(state, "store", None)
 
 
+_storages: dict[tuple[str | None, str], AttachmentStorage] = {}
+_storages_lock = threading.Lock()
+
+
+def storage_for(settings: Settings) -> AttachmentStorage:
+    """The blob storage the settings name (one per process and location)."""
+    key = (settings.attachments_url, settings.attachments_dir)
+    storage = _storages.get(key)
+    if storage is None:
+        with _storages_lock:
+            storage = _storages.get(key)
+            if storage is None:
+                storage = _storages[key] = build_storage(settings)
+    return storage
+
+
+def build_storage(settings: Settings) -> AttachmentStorage:
+    """S3 for ``CHATKIT_ATTACHMENTS_URL = s3://…``, else files in ``CHATKIT_ATTACHMENTS_DIR``."""
+    if settings.attachments_url:
+        from .storage.s3 import S3Storage
+
+        return S3Storage(settings.attachments_url)
+    return DiskStorage(settings.attachments_dir)
+
+
 def default_attachment_store(app: Flask, store: Store[Any]) -> FileAttachmentStore:
-    """What ``ChatKit`` uses when no ``attachment_store`` is given: files on disk."""
-    return FileAttachmentStore(DiskStorage(read_settings(app).attachments_dir), store=store)
+    """What ``ChatKit`` uses when no ``attachment_store`` is given: S3 or disk per config."""
+    return FileAttachmentStore(build_storage(read_settings(app)), store=store)

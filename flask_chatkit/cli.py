@@ -67,17 +67,28 @@ def init_db() -> None:
     metavar="DAYS",
     help="Remove threads whose last activity is older than this many days.",
 )
+@click.option("--dry-run", is_flag=True, help="Print what would be removed; change nothing.")
 @with_appcontext
-def prune(days: float) -> None:
-    """Remove whole threads (items, attachment rows) with no activity for DAYS days.
+def prune(days: float, dry_run: bool) -> None:
+    """Remove whole threads (items, attachments) with no activity for DAYS days,
+    and attachments never linked to a thread created more than DAYS days ago.
 
     A thread's last activity is the newest created_at of the thread and its items.
+    Attachment bytes go too, on disk or in the bucket.
     """
+    store = _store()
     cutoff = datetime.now() - timedelta(days=days)
-    removed = _store().prune(cutoff)
+    removed = store.prune(cutoff, dry_run=dry_run)
+    orphans = store.prune_orphan_attachments(cutoff, dry_run=dry_run)
+    verb = "Would remove" if dry_run else "Removed"
     for thread_id in removed:
         click.echo(thread_id)
-    click.echo(f"Removed {len(removed)} thread(s) with no activity since {cutoff:%Y-%m-%d %H:%M}.")
+    for _owner, attachment_id in orphans:
+        click.echo(attachment_id)
+    click.echo(
+        f"{verb} {len(removed)} thread(s) with no activity since {cutoff:%Y-%m-%d %H:%M}, "
+        f"and {len(orphans)} unsent attachment(s) created before then."
+    )
 
 
 @chatkit_cli.command("export")

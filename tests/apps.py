@@ -102,4 +102,6 @@ def gunicorn_app() -> Flask:
     store: Any = MemoryStore(delay=delay)
     if os.environ.get("CHATKIT_TEST_STORE") == "sql":
         store = None  # the extension's default SQLAlchemyStore on CHATKIT_DATABASE_URL
+    if os.environ.get("CHATKIT_TEST_INSTANCE_PATH"):  # "another machine": its own folder
+        config["instance_path"] = os.environ["CHATKIT_TEST_INSTANCE_PATH"]
     return create_test_app(store=store, **config)

@@ -12,7 +12,7 @@ from flask_chatkit.testing import ChatKitClient
 from .apps import create_test_app
 from .memory_store import MemoryStore
 
-pytest_plugins = ["tests.pg"]
+pytest_plugins = ["tests.pg", "tests.s3"]
 
 
 @pytest.fixture

@@ -3,19 +3,40 @@
 :class:`DiskStorage` keeps one file per attachment in a directory, named by the
 id only (ids must match ``^[A-Za-z0-9_-]{1,128}$``; the user's file name never
 reaches the disk) and writes atomically (temp file + ``os.replace``; a failed or
-oversized upload leaves nothing behind). Imports nothing of Flask.
+oversized upload leaves nothing behind). Writes and ``fsync`` run off the gevent
+hub, on two native threads per process (:class:`~flask_chatkit.storage.offload.OffloadPool`:
+with a thread per upload, eight uploads' threads starved the hub and the event
+loop of the GIL — a neighbour stream's largest gap went from ~30 to ~80 ms), in
+batches of :data:`WRITE_BATCH` bytes so a large upload costs few hand-offs.
+Temp files are named ``.upload-<pid>-<random>.part``: a worker killed mid-upload
+leaves one behind, and the next :class:`DiskStorage` built over the directory
+(every worker start) removes those whose process is gone.
+Imports nothing of Flask.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import IO, Protocol, runtime_checkable
 
+from .offload import OffloadPool
+
+_WRITERS = OffloadPool(2)  # shared by every DiskStorage of the process
+
+logger = logging.getLogger("flask_chatkit")
+
 ATTACHMENT_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+PART_RE = re.compile(r"^\.upload-(\d+)-[^/]*\.part$")
+WRITE_BATCH = 1024 * 1024
+# A .part file this old is stale even if its pid was reused by another process.
+STALE_PART_SECONDS = 24 * 3600
 
 
 class AttachmentTooLarge(Exception):
@@ -58,11 +79,93 @@ class AttachmentStorage(Protocol):
     def exists(self, attachment_id: str) -> bool: ...
 
 
-class DiskStorage:
-    """One file per attachment in ``directory``, named by the (validated) id."""
+@dataclass(frozen=True)
+class BlobInfo:
+    """What a blob storage holds for an id: its size and declared content type."""
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    size: int
+    content_type: str
+
+
+@runtime_checkable
+class PresigningStorage(AttachmentStorage, Protocol):
+    """An object storage clients upload to and read from directly (presigned URLs)."""
+
+    def save(  # the object's Content-Type is part of what is stored
+        self, attachment_id: str, chunks: Iterable[bytes], max_bytes: int, content_type: str = ...
+    ) -> int: ...
+
+    def check(self) -> None:
+        """Raise :class:`StorageUnavailable` (with the fix) unless the storage is usable."""
+        ...
+
+    def ready(self) -> None:
+        """:meth:`check` on first use (and after a failure); cheap afterwards."""
+        ...
+
+    def stat(self, attachment_id: str) -> BlobInfo | None: ...
+
+    def presign_upload(
+        self, attachment_id: str, content_type: str, size: int
+    ) -> tuple[str, dict[str, str]]:
+        """A short-lived PUT URL accepting exactly this type and size, and headers to send."""
+        ...
+
+    def presign_download(
+        self, attachment_id: str, *, content_type: str, filename: str, inline: bool
+    ) -> str: ...
+
+
+class StorageUnavailable(Exception):
+    """The blob storage cannot be reached or refuses us (retryable: a 503)."""
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def sweep_partial_uploads(directory: str) -> list[str]:
+    """Remove temp files of uploads whose process is gone (or that are very old)."""
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:  # missing or unusable: nothing to sweep (the health check names it)
+        return removed
+    now = time.time()
+    for name in names:
+        match = PART_RE.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(directory, name)
+        pid = int(match.group(1))
+        try:
+            stale = now - os.stat(path).st_mtime > STALE_PART_SECONDS
+            if pid != os.getpid() and (stale or not _process_alive(pid)):
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            continue
+    if removed:
+        logger.info("removed %d interrupted upload(s) from %s", len(removed), directory)
+    return removed
+
+
+class DiskStorage:
+    """One file per attachment in ``directory``, named by the (validated) id.
+
+    Building one sweeps temp files left by interrupted uploads of dead processes.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], *, sweep: bool = True) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
+        if sweep:
+            sweep_partial_uploads(self.directory)
 
     def path(self, attachment_id: str) -> str:
         if not is_valid_attachment_id(attachment_id):
@@ -73,18 +176,24 @@ class DiskStorage:
         final = self.path(attachment_id)
         os.makedirs(self.directory, exist_ok=True)
         # The temp name contains dots, so it can never be mistaken for an id.
-        fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".upload-", suffix=".part")
+        fd, tmp = tempfile.mkstemp(
+            dir=self.directory, prefix=f".upload-{os.getpid()}-", suffix=".part"
+        )
         total = 0
         try:
-            with os.fdopen(fd, "wb") as out:
-                for chunk in chunks:
+            with os.fdopen(fd, "wb", buffering=0) as out:
+                batch: list[bytes] = []
+                pending = 0
+                for chunk in chunks:  # read here: on the hub, socket reads cooperate
                     total += len(chunk)
                     if total > max_bytes:
                         raise AttachmentTooLarge(max_bytes)
-                    out.write(chunk)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, final)
+                    batch.append(chunk)
+                    pending += len(chunk)
+                    if pending >= WRITE_BATCH:
+                        _WRITERS.run(_write_all, out, batch)
+                        batch, pending = [], 0
+                _WRITERS.run(_finish_file, out, batch, tmp, final)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
@@ -106,3 +215,17 @@ class DiskStorage:
         os.makedirs(self.directory, exist_ok=True)
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise PermissionError(f"attachment directory {self.directory} is not writable")
+
+
+def _write_all(out: IO[bytes], batch: list[bytes]) -> None:
+    view = memoryview(b"".join(batch))
+    while view:  # a raw (unbuffered) write may be partial
+        written = out.write(view)
+        view = view[written or 0 :]
+
+
+def _finish_file(out: IO[bytes], batch: list[bytes], tmp: str, final: str) -> None:
+    if batch:
+        _write_all(out, batch)
+    os.fsync(out.fileno())
+    os.replace(tmp, final)

@@ -108,6 +108,10 @@ def build_tables(prefix: str = "chatkit_") -> Tables:
         Column("id", String(255), nullable=False),
         Column("thread_id", String(255), nullable=True),
         Column("payload", _JSON, nullable=False),
+        # Upload claims and orphan pruning (see attachment_rows.py); nullable so
+        # tables made before they existed can gain them with a plain ADD COLUMN.
+        Column("created_at", DateTime(), nullable=True),
+        Column("upload_state", String(16), nullable=True),
         UniqueConstraint("owner", "id", name=f"uq_{prefix}attachments_owner_id"),
         Index(f"ix_{prefix}attachments_owner_thread", "owner", "thread_id"),
     )

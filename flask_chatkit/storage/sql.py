@@ -35,6 +35,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from ..bridge.native import NativeThreadPool, native_lock
+from .attachment_rows import AttachmentRows
 from .schema import (
     build_engine,
     build_tables,
@@ -117,7 +118,7 @@ def _thread_payload(thread: ThreadMetadata) -> dict[str, Any]:
     return thread.model_dump(mode="json", include=set(_THREAD_FIELDS))
 
 
-class SQLAlchemyStore(Store[Any]):
+class SQLAlchemyStore(AttachmentRows, Store[Any]):
     """ChatKit store over SQLAlchemy (SQLite or PostgreSQL), owner-scoped.
 
     ``bind`` is a database URL or an existing :class:`~sqlalchemy.Engine`
@@ -213,7 +214,8 @@ class SQLAlchemyStore(Store[Any]):
     def _create_all(self) -> None:
         with self._tx(write=True) as conn:
             self.metadata.create_all(conn, checkfirst=True)
-            # Creating tables cannot add columns: check before recording the version.
+            self._add_attachment_columns(conn)  # schema 2: nullable, a plain ADD COLUMN
+            # Creating tables cannot add other columns: check before recording the version.
             version_table, where = self.schema_version_table, self._where()
             check_version(conn, self.metadata, version_table, where, structure_only=True)
             record_version(conn, version_table)
@@ -417,16 +419,6 @@ class SQLAlchemyStore(Store[Any]):
             removed = self._delete_threads(conn, owner, [thread_id])
         self._attachments_removed(removed)
 
-    def _save_attachment(self, owner: str, attachment: Attachment) -> None:
-        values = {
-            "owner": owner,
-            "id": attachment.id,
-            "thread_id": attachment.thread_id,
-            "payload": attachment.model_dump(mode="json"),
-        }
-        with self._tx(write=True) as conn:
-            upsert(conn, self.attachments, ("owner", "id"), values)
-
     def _load_attachment(self, owner: str, attachment_id: str) -> Attachment:
         a = self.attachments
         with self._tx() as conn:
@@ -587,11 +579,11 @@ class SQLAlchemyStore(Store[Any]):
                 "items": [item.model_dump(mode="json") for item in items],
             }
 
-    def prune(self, older_than: datetime) -> list[str]:
+    def prune(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
         """Delete whole threads whose last activity is before ``older_than``.
 
         Last activity is the newest ``created_at`` of the thread and its items.
-        Returns the removed thread ids.
+        Returns the removed thread ids (``dry_run``: the ids, nothing removed).
         """
         cutoff = db_time(older_than)
         t, i = self.threads, self.items
@@ -606,6 +598,8 @@ class SQLAlchemyStore(Store[Any]):
             for owner, thread_id in conn.execute(query.order_by(t.c.created_at, t.c.seq)):
                 by_owner.setdefault(owner, []).append(thread_id)
                 removed.append(thread_id)
+            if dry_run:
+                return removed
             for owner, ids in by_owner.items():
                 attachment_ids += self._delete_threads(conn, owner, ids)
         self._attachments_removed(attachment_ids)

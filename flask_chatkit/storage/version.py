@@ -17,11 +17,13 @@ from sqlalchemy import Connection, MetaData, Table, insert, inspect, select, upd
 
 __all__ = ["SCHEMA_VERSION", "SchemaOutdated", "check", "read_version", "record_version"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _ROW_ID = 1
 
 # Steps that bring version n-1 to n beyond what ``create_all`` adds (new tables).
-# None yet: version 1 added only the version table itself.
+# Version 1 added only the version table itself; version 2 the nullable
+# attachments columns created_at and upload_state, which create_all adds to
+# older tables itself (AttachmentRows._add_attachment_columns).
 UPGRADES: dict[int, Callable[[Connection], None]] = {}
 
 FIX = (

@@ -16,16 +16,17 @@ import uuid
 from typing import Any
 
 from chatkit.server import StreamingResult
-from chatkit.store import NotFoundError, Store
+from chatkit.store import AttachmentStore, NotFoundError, Store
 from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq
-from flask import Blueprint, Response, g, request, stream_with_context
+from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from ..attachments import is_uploaded
+from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet
 from ..bridge.loop import Failure
 from ..bridge.stream import Stream
 from ..context import require_login
 from ..state import ChatKitState, get_state
+from .body import ContextKeepingBody
 from .errors import (
     ChatKitHTTPException,
     classify_exception,
@@ -48,6 +49,7 @@ from .protocol import (
     serialize_request,
 )
 from .security import apply_cors, check_origin, preflight_response
+from .urls import url_rewriter
 
 logger = logging.getLogger("flask_chatkit")
 
@@ -171,14 +173,16 @@ def run_chatkit_request(
     check_implemented(state.server, parsed)  # 501 before any store work
 
     async def start() -> Any:
-        await verify_ownership(state.server.store, parsed, context)
+        await verify_ownership(state.server.store, parsed, context, state.attachment_store)
         await check_sdk_preconditions(state.server.store, parsed, context)
         return await process_parsed(state.server, parsed, body, context)
 
     result = state.loop_thread.run(start, ctx)
+    # Stored attachment URLs are relative; they become absolute on a trusted base here.
+    rewrite = url_rewriter(settings=state.settings)
     if not isinstance(result, StreamingResult):
         observer.responded(200)
-        return Response(result.json, mimetype="application/json")
+        return Response(rewrite(result.json), mimetype="application/json")
 
     settings = state.settings
     # A new thread's id goes out only once the thread can be read (see new_thread.py).
@@ -199,11 +203,16 @@ def run_chatkit_request(
         raise first.exc
     observer.stream_started(first)
     return Response(
-        stream_with_context(iter(stream)), mimetype="text/event-stream", headers=SSE_HEADERS
+        ContextKeepingBody(stream, rewrite), mimetype="text/event-stream", headers=SSE_HEADERS
     )
 
 
-async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) -> None:
+async def verify_ownership(
+    store: Store[Any],
+    parsed: ChatKitReq,
+    context: Any,
+    attachment_store: AttachmentStore[Any] | None = None,
+) -> None:
     """404 for any thread, item or attachment id that is unknown or not the caller's.
 
     ChatKit alone answers a foreign ``items.list`` with an empty page and a
@@ -218,10 +227,12 @@ async def verify_ownership(store: Store[Any], parsed: ChatKitReq, context: Any) 
                 await store.load_thread(ref_id, context=context)
             else:
                 attachment = await store.load_attachment(ref_id, context=context)
-                if must_be_uploaded and not is_uploaded(attachment):
-                    raise ChatKitHTTPException(
-                        409, f"Attachment {ref_id} has not been uploaded yet."
-                    )
+                if not must_be_uploaded:
+                    continue
+                if isinstance(attachment_store, FileAttachmentStore):
+                    await attachment_store.confirm_uploaded(attachment, context)
+                elif not is_uploaded(attachment):
+                    raise not_uploaded_yet(ref_id)
         except NotFoundError:
             raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None
         if kind == "thread" and ref_id == refs.thread_id and refs.item_ids:

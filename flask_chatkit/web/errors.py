@@ -119,8 +119,14 @@ def classify_exception(exc: BaseException) -> ChatKitHTTPException | None:
     from chatkit.store import NotFoundError
     from sqlalchemy import exc as sa_exc
 
+    from ..storage.disk import StorageUnavailable
+
     if isinstance(exc, ChatKitHTTPException):
         return exc
+    if isinstance(exc, StorageUnavailable):  # logged with the fix by the storage
+        return ChatKitHTTPException(
+            503, "Attachment storage is unavailable; try again shortly.", "storage_unavailable"
+        )
     if isinstance(exc, NotFoundError):
         return ChatKitHTTPException(404, str(exc) or "Not found.")
     # The database is down, unreachable or busy: a retryable 503, not a traceback.

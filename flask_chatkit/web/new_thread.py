@@ -29,8 +29,9 @@ async def hold_until_stored(result: Any) -> AsyncIterator[bytes]:
         if waiting:  # thread.created: not yet
             waiting, held = False, chunk
             continue
-        if held is not None:  # the user message is stored: send both in one write
-            chunk, held = held + chunk, None
+        if held is not None:  # the user message is stored: both go out back to back
+            yield held  # (still one event each, so the stream's event count stays true)
+            held = None
         yield chunk
     if held is not None:  # the stream ended right after thread.created
         yield held

@@ -8,6 +8,10 @@ Every route resolves the context inside the request (401 when not logged in),
 reads and writes attachment rows through the owner-scoped store on the loop
 thread (so another user's id is a 404), and streams bodies to storage in
 chunks, refusing (413) as soon as ``CHATKIT_MAX_ATTACHMENT_BYTES`` is passed.
+A two-phase upload first claims the row (one conditional UPDATE): of two
+uploads to one id the first wins and the second gets a 409 straight away.
+On object storage ``content`` answers 302 to a short-lived presigned GET, so
+the bytes never pass through a worker.
 """
 
 from __future__ import annotations
@@ -17,11 +21,13 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import IO, Any, TypeVar
 
 from chatkit.store import NotFoundError
-from flask import Blueprint, Response, request, send_file
+from flask import Blueprint, Response, redirect, request, send_file
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 from ..attachments import (
     AnyAttachment,
     FileAttachmentStore,
+    already_uploaded,
     attachment_json,
     build_attachment,
     declared_size,
@@ -33,8 +39,11 @@ from ..attachments import (
 )
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
+from ..storage.offload import cooperate
 from .errors import ChatKitHTTPException, method_not_allowed
+from .multipart import MultipartFile
 from .observe import attachment_stored
+from .urls import url_rewriter
 
 T = TypeVar("T")
 
@@ -97,12 +106,16 @@ class _Call:
             raise
         attachment_stored(attachment.id, declared_size(attachment), self.context)
 
-    def store_body(self, attachment_id: str, chunks: Iterator[bytes]) -> int:
+    def store_body(self, attachment_id: str, chunks: Iterator[bytes], mime: str) -> int:
         limit = self.files.max_bytes
         try:
-            return self.files.storage.save(attachment_id, chunks, limit)
+            return self.files.save_bytes(attachment_id, chunks, mime)
         except AttachmentTooLarge:
             raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.") from None
+
+    def json(self, attachment: AnyAttachment) -> Response:
+        body = url_rewriter(self.state.settings)(attachment_json(attachment).encode())
+        return Response(body, mimetype="application/json")
 
 
 def _not_found(attachment_id: str) -> ChatKitHTTPException:
@@ -116,33 +129,22 @@ def _size_mismatch(size: int, expected: int) -> ChatKitHTTPException:
     )
 
 
-def _json(attachment: AnyAttachment) -> Response:
-    return Response(attachment_json(attachment), mimetype="application/json")
-
-
 def _chunks(stream: IO[bytes]) -> Iterator[bytes]:
     while True:
         chunk = stream.read(CHUNK_SIZE)
         if not chunk:
             return
+        cooperate()  # a fast body never blocks the read: let other streams run
         yield chunk
 
 
-def _limit_multipart(limit: int) -> None:
-    """Refuse oversized multipart bodies before (and while) Werkzeug parses them."""
+def _limit_multipart(limit: int) -> MultipartFile:
+    """The body's ``file`` part, streamed; oversized bodies refused before and while read."""
     bound = limit + MULTIPART_OVERHEAD
     if request.content_length is not None and request.content_length > bound:
         raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
     request.max_content_length = bound  # enforced on chunked bodies too
-    request.max_form_memory_size = 64 * 1024
-    request.max_form_parts = 16
-
-
-def _multipart_file() -> Any:
-    upload = request.files.get("file")
-    if upload is None:
-        raise ChatKitHTTPException(400, "Expected a multipart form with a 'file' field.")
-    return upload
+    return MultipartFile(request.stream, request.content_type or "")
 
 
 # -- routes -------------------------------------------------------------------
@@ -154,16 +156,15 @@ def direct_upload() -> Response:
     call = _Call()
     if request.mimetype != "multipart/form-data":
         raise ChatKitHTTPException(415, "Send the file as multipart/form-data in a 'file' field.")
-    _limit_multipart(call.files.max_bytes)
-    upload = _multipart_file()
-    mime = call.files.check_mime(guess_mime(upload.filename, upload.mimetype))
+    upload = _limit_multipart(call.files.max_bytes)
+    mime = call.files.check_mime(guess_mime(upload.filename, upload.content_type))
     attachment_id = call.files.generate_attachment_id(mime, call.context)
-    size = call.store_body(attachment_id, _chunks(upload.stream))
+    size = call.store_body(attachment_id, upload.chunks(), mime)
     attachment = build_attachment(
         attachment_id, upload.filename or "", mime, size=size, uploaded=True
     )
     call.save(attachment)
-    return _json(attachment)
+    return call.json(attachment)
 
 
 def upload(attachment_id: str) -> Response:
@@ -172,13 +173,30 @@ def upload(attachment_id: str) -> Response:
     call = _Call()
     attachment = call.load(attachment_id)
     if is_uploaded(attachment) or attachment.upload_descriptor is None:
-        raise ChatKitHTTPException(409, f"Attachment {attachment_id} was already uploaded.")
+        raise already_uploaded(attachment_id)
     call.files.check_mime(attachment.mime_type)
+    call.run(lambda: call.files.claim_upload(attachment, call.context))  # 409 if taken
+    try:
+        size = _receive(call, attachment)
+        uploaded = mark_uploaded(attachment, size)
+        if not call.run(lambda: call.files.complete_upload(uploaded, call.context)):
+            raise already_uploaded(attachment_id)  # the row changed under us (deleted)
+    except BaseException:
+        call.run(lambda: call.files.release_upload(attachment_id, call.context))
+        call.files.storage.delete(attachment_id)
+        raise
+    attachment_stored(attachment_id, size, call.context)
+    return call.json(uploaded)
+
+
+def _receive(call: _Call, attachment: AnyAttachment) -> int:
+    """Stream the request body into storage; returns the size (400/413 on mismatch)."""
+    attachment_id = attachment.id
+    mime = normalize_mime(attachment.mime_type)
     limit = call.files.max_bytes
     expected = declared_size(attachment)
     if request.mimetype == "multipart/form-data":
-        _limit_multipart(limit)
-        chunks = _chunks(_multipart_file().stream)
+        chunks = _limit_multipart(limit).chunks()
     else:
         if request.content_length is not None and request.content_length > limit:
             raise ChatKitHTTPException(413, f"Attachment exceeds {limit} bytes.")
@@ -187,29 +205,37 @@ def upload(attachment_id: str) -> Response:
             raise _size_mismatch(length, expected)
         request.max_content_length = limit
         chunks = _chunks(request.stream)
-    size = call.store_body(attachment_id, chunks)
+    size = call.store_body(attachment_id, chunks, mime)
     if expected is not None and size != expected:
-        call.files.storage.delete(attachment_id)
-        raise _size_mismatch(size, expected)
-    attachment = mark_uploaded(attachment, size)
-    call.save(attachment)
-    return _json(attachment)
+        raise _size_mismatch(size, expected)  # the caller removes the bytes
+    return size
 
 
-def content(attachment_id: str) -> Response:
+def content(attachment_id: str) -> Response | WerkzeugResponse:
     if request.method not in ("GET", "HEAD"):
         raise method_not_allowed(request.method, "GET, HEAD, OPTIONS")
     call = _Call()
     attachment = call.load(attachment_id)
     if not is_uploaded(attachment):
         raise _not_found(attachment_id)
+    mime = normalize_mime(attachment.mime_type)
+    # SVG can carry script: offer it as a download (an <img> still renders it).
+    inline = is_image(mime) and mime != "image/svg+xml"
+    presigning = call.files.presigning
+    if presigning is not None:
+        url = presigning.presign_download(
+            attachment_id,
+            content_type=mime,
+            filename=attachment.name or "attachment",
+            inline=inline,
+        )
+        response = redirect(url, code=302)
+        response.headers["Cache-Control"] = "private, no-store"  # the URL expires soon
+        return response
     try:
         stream = call.files.storage.open(attachment_id)
     except FileNotFoundError:
         raise _not_found(attachment_id) from None
-    mime = normalize_mime(attachment.mime_type)
-    # SVG can carry script: offer it as a download (an <img> still renders it).
-    inline = is_image(mime) and mime != "image/svg+xml"
     response = send_file(
         stream,
         mimetype=mime,

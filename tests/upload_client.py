@@ -1,0 +1,78 @@
+"""Upload one file as ``multipart/form-data`` from a process of its own.
+
+``python -m tests.upload_client URL FILE [COOKIE]`` waits for a line on stdin
+(so several can be started first and released together), then POSTs FILE
+(field ``file``, type ``application/octet-stream``) to URL, streaming it in
+256 KiB writes, and prints the HTTP status. Timing tests run their uploads this way so the uploads
+cost the measuring process no GIL time (and need nothing outside Python).
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import subprocess
+import sys
+import uuid
+from typing import Any
+from urllib.parse import urlsplit
+
+CHUNK = 256 * 1024
+
+
+def upload(url: str, path: str, cookie: str = "", timeout: float = 300) -> int:
+    parts = urlsplit(url)
+    boundary = uuid.uuid4().hex
+    name = os.path.basename(path)
+    head = (
+        f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"{name}\"\r\n"
+        "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
+    tail = f"\r\n--{boundary}--\r\n".encode()
+    length = len(head) + os.path.getsize(path) + len(tail)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.putrequest("POST", parts.path or "/")
+        conn.putheader("Content-Type", f"multipart/form-data; boundary={boundary}")
+        conn.putheader("Content-Length", str(length))
+        if cookie:
+            conn.putheader("Cookie", cookie)
+        conn.endheaders()
+        conn.send(head)
+        with open(path, "rb") as source:
+            while chunk := source.read(CHUNK):
+                conn.send(chunk)
+        conn.send(tail)
+        response = conn.getresponse()
+        response.read()
+        return response.status
+    finally:
+        conn.close()
+
+
+def start_uploads(url: str, path: str, count: int, cookie: str = "") -> list[Any]:
+    """``count`` uploader processes, started and waiting; see :func:`release`."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.upload_client", url, path, cookie],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=root,
+        )
+        for _ in range(count)
+    ]
+
+
+def release(procs: list[Any], timeout: float = 300) -> list[int]:
+    """Let the waiting uploaders go at once; their HTTP statuses when all are done."""
+    for proc in procs:
+        proc.stdin.write(b"go\n")
+        proc.stdin.flush()
+    return [int(proc.communicate(timeout=timeout)[0] or 0) for proc in procs]
+
+
+if __name__ == "__main__":
+    sys.stdin.readline()
+    cookie = sys.argv[3] if len(sys.argv) > 3 else ""
+    print(upload(sys.argv[1], sys.argv[2], cookie))
