@@ -76,13 +76,15 @@ def start_gunicorn(
     extra_args: list[str] | None = None,
     graceful_timeout: float | None = 5,
     cwd: Path = ROOT,
+    executable: str = GUNICORN,
 ) -> Iterator[RunningServer]:
     """``graceful_timeout=None`` keeps gunicorn's default; a ``cwd`` without a
-    ``gunicorn.conf.py`` runs gunicorn with no config file at all."""
+    ``gunicorn.conf.py`` runs gunicorn with no config file at all. ``cwd`` and
+    ``executable`` also serve an app outside the repo (README, installed wheel)."""
     port = free_port()
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
-        GUNICORN,
+        executable,
         "-k",
         worker_class,
         "-w",

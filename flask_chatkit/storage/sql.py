@@ -28,6 +28,7 @@ from sqlalchemy import (
     and_,
     delete,
     exists,
+    inspect,
     select,
 )
 from sqlalchemy.engine import URL
@@ -233,6 +234,11 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
 
     def _where(self) -> str:
         return self.engine.url.render_as_string(hide_password=True)
+
+    def missing_tables(self) -> list[str]:
+        """Names of this store's tables the database does not have (yet)."""
+        inspector = inspect(self.engine)
+        return [name for name in self.metadata.tables if not inspector.has_table(name)]
 
     async def ping(self) -> None:
         """``SELECT 1`` on a pooled connection (the health route's database check)."""
