@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from chatkit.store import NotFoundError, Store
 from chatkit.types import Attachment, Page, SDKHiddenContextItem, ThreadItem, ThreadMetadata
-from sqlalchemy import Connection, Engine, and_, delete, select
+from sqlalchemy import Connection, Engine, Table, and_, delete, select
 from sqlalchemy.engine import URL
 
 from ..bridge.native import NativeThreadPool, native_lock
@@ -132,14 +132,19 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
         with self._tx() as conn:
             conn.exec_driver_sql("SELECT 1")
 
+    def _payload(self, table: Table, not_found: str, *where: Any) -> Any:
+        """The payload of the one row of ``table`` matching ``where`` (NotFoundError if none)."""
+        with self._tx() as conn:
+            payload = conn.execute(select(table.c.payload).where(*where)).scalar()
+        if payload is None:
+            raise NotFoundError(not_found)
+        return payload
+
     def _load_thread(self, owner: str, thread_id: str) -> ThreadMetadata:
         t = self.threads
-        with self._tx() as conn:
-            payload = conn.execute(
-                select(t.c.payload).where(t.c.owner == owner, t.c.id == thread_id)
-            ).scalar()
-        if payload is None:
-            raise NotFoundError(f"Thread {thread_id} not found")
+        payload = self._payload(
+            t, f"Thread {thread_id} not found", t.c.owner == owner, t.c.id == thread_id
+        )
         return ThreadMetadata.model_validate(payload)
 
     @staticmethod
@@ -215,14 +220,8 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
 
     def _load_item(self, owner: str, thread_id: str, item_id: str) -> ThreadItem:
         i = self.items
-        with self._tx() as conn:
-            payload = conn.execute(
-                select(i.c.payload).where(
-                    i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id
-                )
-            ).scalar()
-        if payload is None:
-            raise NotFoundError(f"Item {item_id} not found")
+        scope = (i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id)
+        payload = self._payload(i, f"Item {item_id} not found", *scope)
         return item_adapter().validate_python(payload)
 
     def _owned_item_ids(self, owner: str, thread_id: str, item_ids: Sequence[str]) -> set[str]:
@@ -276,12 +275,9 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
 
     def _load_attachment(self, owner: str, attachment_id: str) -> Attachment:
         a = self.attachments
-        with self._tx() as conn:
-            payload = conn.execute(
-                select(a.c.payload).where(a.c.owner == owner, a.c.id == attachment_id)
-            ).scalar()
-        if payload is None:
-            raise NotFoundError(f"Attachment {attachment_id} not found")
+        payload = self._payload(
+            a, f"Attachment {attachment_id} not found", a.c.owner == owner, a.c.id == attachment_id
+        )
         return attachment_adapter().validate_python(payload)
 
     def _delete_attachment(self, owner: str, attachment_id: str) -> None:
