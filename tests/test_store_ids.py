@@ -13,7 +13,7 @@ import contextvars
 import json
 import re
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,12 +59,8 @@ def texts(store: SQLAlchemyStore, tid: str, who: Any) -> list[str]:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[SQLAlchemyStore]:
-    s = SQLAlchemyStore(store_url)
-    s.create_all()
-    yield s
-    s.close()
-    s.engine.dispose()
+def store(sql_store: SQLAlchemyStore) -> SQLAlchemyStore:
+    return sql_store  # on SQLite and PostgreSQL (tests/pg.py), not conftest's MemoryStore
 
 
 def test_ids_have_128_random_bits_and_the_sdk_prefixes() -> None:
