@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench system-deps clean
+.PHONY: run test test-min dist lint bench system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,9 +25,21 @@ lint: $(STAMP)
 
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
+	$(MAKE) test-min
+
+# The unit tests against the lowest versions pyproject.toml allows (scripts/test-min.sh),
+# on every Python 3.1x Debian provides here (override: make test-min MIN_PYTHONS=python3.12).
+MIN_PYTHONS ?= $(or $(wildcard /usr/bin/python3.1[0-9]),$(PYTHON))
+test-min: $(STAMP) system-deps
+	bash scripts/test-min.sh $(MIN_PYTHONS)
+
+# sdist and wheel in dist/ (the package is not on PyPI: install the wheel from there).
+dist: $(STAMP)
+	rm -rf dist
+	$(BIN)/python -m build --outdir dist .
 
 bench: $(STAMP) system-deps
 	$(BIN)/python -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-min-* dist build .pytest_cache .mypy_cache .ruff_cache

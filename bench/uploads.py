@@ -201,22 +201,53 @@ def measure(tmp: Path, storage: str, size_mib: int, uploads: int,
                   load_max, load_p99, read_mib_s, how)
 
 
+HEADERS = ["storage", "1 upload MiB/s", "N uploads at once MiB/s", "gap max/p99 idle ms",
+           "gap max/p99 uploading ms", "read-back MiB/s", "read-back"]
+
+
+def table_rows(results: list[Result]) -> list[list[str]]:
+    return [[r.storage, f"{r.single_mib_s:.0f}", f"{r.many_mib_s:.0f}",
+             f"{r.base_max_ms:.1f} / {r.base_p99_ms:.1f}",
+             f"{r.load_max_ms:.1f} / {r.load_p99_ms:.1f}",
+             f"{r.read_mib_s:.0f}", r.read_how] for r in results]
+
+
 def render(results: list[Result], uploads: int, size_mib: int) -> str:
     head = (f"Uploads: {uploads} x {size_mib} MiB at once through POST /chatkit/attachments "
             f"(one process each), one gunicorn -k gevent worker; neighbour stream: a delta every "
             f"{STREAM_DELAY * 1000:.0f} ms")
-    rows = [["storage", "1 upload MiB/s", f"{uploads} uploads MiB/s", "gap max/p99 idle ms",
-             "gap max/p99 uploading ms", "read-back MiB/s", "read-back"]]
-    for r in results:
-        rows.append([r.storage, f"{r.single_mib_s:.0f}", f"{r.many_mib_s:.0f}",
-                     f"{r.base_max_ms:.1f} / {r.base_p99_ms:.1f}",
-                     f"{r.load_max_ms:.1f} / {r.load_p99_ms:.1f}",
-                     f"{r.read_mib_s:.0f}", r.read_how])
+    rows = [HEADERS, *table_rows(results)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True))
              for row in rows]
     lines.insert(1, "-+-".join("-" * w for w in widths))
     return "\n".join([head, "", *lines])
+
+
+def collect(storage: str, uploads: int, size_mib: int) -> list[Result]:
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="chatkit-bench-uploads-") as name:
+        tmp = Path(name)
+        if storage in ("disk", "both"):
+            results.append(measure(tmp, "disk", size_mib, uploads))
+        if storage in ("s3", "both"):
+            from tests.gunicorn import stop_process
+            from tests.s3 import start_s3_server
+
+            moto = start_s3_server(tmp)
+            try:
+                bucket = moto.create_bucket()
+                results.append(measure(tmp, "s3", size_mib, uploads, moto.env, bucket))
+            finally:
+                stop_process(moto.proc)
+    return results
+
+
+def run(quick: bool = False) -> tuple[list[str], list[list[str]]]:
+    """For ``python -m bench`` (section U): 8 x 20 MiB, or 4 x 5 MiB when quick."""
+    uploads, size_mib = (4, 5) if quick else (8, 20)
+    headers = [h.replace("N uploads", f"{uploads} x {size_mib} MiB uploads") for h in HEADERS]
+    return headers, table_rows(collect("both", uploads, size_mib))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,22 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.uploads, args.size = 4, 5
-    results: list[Result] = []
-    with tempfile.TemporaryDirectory(prefix="chatkit-bench-uploads-") as name:
-        tmp = Path(name)
-        if args.storage in ("disk", "both"):
-            results.append(measure(tmp, "disk", args.size, args.uploads))
-        if args.storage in ("s3", "both"):
-            from tests.gunicorn import stop_process
-            from tests.s3 import start_s3_server
-
-            moto = start_s3_server(tmp)
-            try:
-                bucket = moto.create_bucket()
-                results.append(measure(tmp, "s3", args.size, args.uploads, moto.env, bucket))
-            finally:
-                stop_process(moto.proc)
-    print(render(results, args.uploads, args.size))
+    print(render(collect(args.storage, args.uploads, args.size), args.uploads, args.size))
     return 0
 
 

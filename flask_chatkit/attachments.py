@@ -70,7 +70,6 @@ logger = logging.getLogger("flask_chatkit")
 AnyAttachment = FileAttachment | ImageAttachment
 
 MAX_NAME_LENGTH = 255
-_CHUNK = 64 * 1024
 
 
 # -- helpers shared with the routes ------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -15,9 +14,7 @@ from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
 from .storage.version import SchemaOutdated
-from .web.errors import ChatKitHTTPException
-
-logger = logging.getLogger("flask_chatkit")
+from .web.misconfig import LogOnce, login_problem, missing_tables_problem, schema_problem
 
 if TYPE_CHECKING:
     from .extension import ChatKit
@@ -35,7 +32,8 @@ class ChatKitState:
     telemetry: Telemetry | None = None  # set when OpenTelemetry is configured
     _schema_ready: bool = False
     _schema_lock: Any = field(default_factory=native_lock)
-    _schema_logged: set[str] = field(default_factory=set)
+    _setup_ok: bool = False
+    _log_once: LogOnce = field(default_factory=LogOnce)
 
     @property
     def context_loader(self) -> ContextLoader:
@@ -46,11 +44,21 @@ class ChatKitState:
     def uses_default_context(self) -> bool:
         return self.extension.custom_context_loader is None
 
+    def check_setup(self) -> None:
+        """Raise ``Misconfigured`` (JSON 500, logged once) when sign-in cannot work."""
+        if self._setup_ok:
+            return
+        problem = login_problem(current_app, self.settings, self.uses_default_context)
+        if problem is not None:
+            raise self._log_once(problem)
+        self._setup_ok = True
+
     def ensure_schema(self) -> None:
         """Create the store's tables on first use (CHATKIT_CREATE_TABLES).
 
-        A schema older than the code is a JSON 500 ``misconfigured`` (logged once,
-        naming the fix), re-checked at each request until it is fixed.
+        With creation off, no tables at all, or a schema older than the code, is a JSON 500
+        ``misconfigured`` (logged once, naming the fix), re-checked at each request until
+        it is fixed.
         """
         if self._schema_ready:
             return
@@ -60,9 +68,11 @@ class ChatKitState:
                 try:
                     if self.settings.create_tables and callable(create_all):
                         create_all()
+                    elif (problem := missing_tables_problem(self.store)) is not None:
+                        raise self._log_once(problem)
                     check_schema_version(self.store)
                 except SchemaOutdated as exc:
-                    raise schema_outdated_error(exc, self._schema_logged) from None
+                    raise self._log_once(schema_problem(exc)) from None
                 self._schema_ready = True
 
 
@@ -71,20 +81,6 @@ def check_schema_version(store: Any) -> None:
     check = getattr(store, "check_schema", None)
     if callable(check):
         check()
-
-
-def schema_outdated_error(exc: Exception, logged: set[str]) -> ChatKitHTTPException:
-    """JSON 500 ``misconfigured`` for a schema older than the code; the log names the fix."""
-    line = f"flask-chatkit is misconfigured: {exc}"
-    if line not in logged:
-        logged.add(line)
-        logger.error(line)
-    return ChatKitHTTPException(
-        500,
-        "The ChatKit server is misconfigured: its database schema is older than the code. "
-        "The server log names the fix.",
-        "misconfigured",
-    )
 
 
 def get_state(app: Flask | None = None) -> ChatKitState:

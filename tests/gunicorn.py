@@ -76,13 +76,15 @@ def start_gunicorn(
     extra_args: list[str] | None = None,
     graceful_timeout: float | None = 5,
     cwd: Path = ROOT,
+    executable: str = GUNICORN,
 ) -> Iterator[RunningServer]:
     """``graceful_timeout=None`` keeps gunicorn's default; a ``cwd`` without a
-    ``gunicorn.conf.py`` runs gunicorn with no config file at all."""
+    ``gunicorn.conf.py`` runs gunicorn with no config file at all. ``cwd`` and
+    ``executable`` also serve an app outside the repo (README, installed wheel)."""
     port = free_port()
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
-        GUNICORN,
+        executable,
         "-k",
         worker_class,
         "-w",
@@ -112,3 +114,21 @@ def start_gunicorn(
         yield server
     finally:
         stop_process(proc)
+
+
+@contextmanager
+def start_flask_run(
+    tmp_path: Path, app_spec: str, env: dict[str, str] | None = None
+) -> Iterator[str]:
+    """``flask --app APP_SPEC run`` (Werkzeug's dev server) on a free port; yields its URL."""
+    port = free_port()
+    child_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    args = [sys.executable, "-m", "flask", "--app", app_spec, "run", "--port", str(port)]
+    with (tmp_path / "flask.log").open("wb") as log:
+        proc = subprocess.Popen(args, cwd=ROOT, env=child_env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for_port(port, proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)

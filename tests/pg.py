@@ -3,6 +3,8 @@
 ``pg_cluster`` / ``postgres_url``: one throwaway cluster per test session.
 ``private_pg_cluster``: a cluster of the test's own, free to ``stop()``/``start()``.
 ``store_url``: a fresh database per test, on SQLite and on PostgreSQL.
+``sql_store``: a ``SQLAlchemyStore`` with its tables on ``store_url``.
+``fresh_database(cluster)``: an empty database of its own, dropped afterwards.
 When PostgreSQL cannot be started the PostgreSQL tests are skipped LOUDLY.
 """
 
@@ -11,13 +13,15 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from bench.pgcluster import ClusterUnavailable, PostgresCluster
+from flask_chatkit.storage.sql import SQLAlchemyStore
 
-__all__ = ["PostgresCluster"]
+__all__ = ["PostgresCluster", "fresh_database"]
 
 
 def _unavailable(reason: str) -> None:
@@ -66,7 +70,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'chatkit.sqlite3'}"
         return
-    cluster: PostgresCluster = request.getfixturevalue("pg_cluster")
+    with fresh_database(request.getfixturevalue("pg_cluster")) as url:
+        yield url
+
+
+@pytest.fixture
+def sql_store(store_url: str) -> Iterator[SQLAlchemyStore]:
+    """A ``SQLAlchemyStore`` with its tables on ``store_url``; closed afterwards."""
+    s = SQLAlchemyStore(store_url)
+    s.create_all()
+    yield s
+    s.close()
+    s.engine.dispose()
+
+
+@contextmanager
+def fresh_database(cluster: PostgresCluster) -> Iterator[str]:
+    """The URL of a new, empty database on ``cluster``, dropped on exit."""
     url = cluster.create_database()
     try:
         yield url

@@ -28,18 +28,14 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import asgiref.sync
 from chatkit.types import (
     AssistantMessageContent,
-    AssistantMessageContentPartTextDelta,
-    AssistantMessageItem,
     ThreadItemAddedEvent,
     ThreadItemDoneEvent,
-    ThreadItemUpdatedEvent,
     ThreadMetadata,
     ThreadStreamEvent,
     UserMessageItem,
@@ -53,7 +49,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from flask_chatkit import SQLAlchemyStore, sync_to_async, sync_to_async_iter
 
 from .apps import ScriptedServer, create_test_app
-from .word_server import message_options
+from .word_server import empty_reply, message_options, text_delta
 
 
 class Base(DeclarativeBase):
@@ -137,19 +133,14 @@ class SyncServer(ScriptedServer):
             async for event in super().respond(thread, input, context):
                 yield event
             return
-        item = AssistantMessageItem(
-            id=self.store.generate_item_id("message", thread, context),
-            thread_id=thread.id,
-            created_at=datetime.now(),
-            content=[AssistantMessageContent(text="")],
-        )
+        item = empty_reply(self, thread, context)
         yield ThreadItemAddedEvent(item=item)
         parts: list[str] = []
         try:
             if op == "iter":
                 async for word in sync_to_async_iter(slow_words(options)):
                     parts.append(word)
-                    yield delta(item.id, word)
+                    yield text_delta(item.id, word)
             else:
                 if options.get("mode") == "direct":
                     text = sync_work(options)  # the mistake the helper exists for
@@ -160,19 +151,12 @@ class SyncServer(ScriptedServer):
                 else:
                     text = await sync_to_async(sync_work)(options)
                 parts.append(text)
-                yield delta(item.id, text)
+                yield text_delta(item.id, text)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise
         item.content = [AssistantMessageContent(text="".join(parts))]
         yield ThreadItemDoneEvent(item=item)
-
-
-def delta(item_id: str, text: str) -> ThreadItemUpdatedEvent:
-    return ThreadItemUpdatedEvent(
-        item_id=item_id,
-        update=AssistantMessageContentPartTextDelta(content_index=0, delta=text),
-    )
 
 
 def create_sync_app(db_url: str, **config: Any) -> Flask:

@@ -10,7 +10,7 @@ from flask import Flask, abort
 from flask_chatkit import ChatKit, RequestContext
 from flask_chatkit.testing import ChatKitClient, ChatKitHTTPError
 
-from .apps import ScriptedServer
+from .apps import ScriptedServer, create_test_app
 from .memory_store import MemoryStore
 
 
@@ -129,22 +129,11 @@ def test_custom_context_loader_owns_authentication() -> None:
 
 
 def test_chatkit_http_error_carries_status_code_message() -> None:
-    app = bare_app()
-    ChatKit(app, ScriptedServer, store=MemoryStore())
+    app = create_test_app(store=MemoryStore())
     with pytest.raises(ChatKitHTTPError) as err:
         ChatKitClient(app.test_client()).list_threads()
     assert (err.value.status, err.value.code) == (401, "unauthorized")
     assert err.value.message
-
-
-def test_anonymous_mode_without_secret_key_is_a_clear_500(caplog: Any) -> None:
-    app = Flask(__name__)  # no SECRET_KEY
-    app.config["CHATKIT_LOGIN_REQUIRED"] = False
-    ChatKit(app, ScriptedServer, store=MemoryStore())
-    response = app.test_client().post("/chatkit", json={"type": "threads.list", "params": {}})
-    assert response.status_code == 500
-    assert response.get_json()["error"]["code"] == "internal_error"
-    assert any("secret_key" in (r.exc_text or "") + r.getMessage() for r in caplog.records)
 
 
 def test_create_tables_on_first_use_unless_disabled(tmp_path: Any) -> None:
@@ -171,7 +160,7 @@ def test_create_tables_on_first_use_unless_disabled(tmp_path: Any) -> None:
         response = app.test_client().post("/chatkit", json={"type": "threads.list", "params": {}})
         tables = set(sa.inspect(sa.create_engine(f"sqlite:///{db}")).get_table_names())
         assert tables == expected
-        # Without tables the request is a server fault (500), never a traceback to the client.
+        # Without tables: a JSON 500 `misconfigured` (tests/test_misconfig.py), no traceback.
         assert response.status_code == (200 if create else 500)
 
 

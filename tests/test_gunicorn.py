@@ -4,12 +4,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
-import signal
 import socket
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +13,7 @@ from typing import Any
 import pytest
 import requests
 
-from .gunicorn import ROOT, free_port, start_gunicorn, wait_for_port
+from .gunicorn import start_flask_run, start_gunicorn
 from .http_client import (
     cookie_header,
     create_request,
@@ -276,33 +272,8 @@ def test_other_worker_classes_stream_and_cancel(
 
 
 def test_flask_dev_server_streams(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    log = (tmp_path / "flask.log").open("wb")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "flask",
-            "--app",
-            "tests.apps:gunicorn_app()",
-            "run",
-            "--port",
-            str(port),
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        wait_for_port(port, proc)
-        url = f"http://127.0.0.1:{port}"
+    with start_flask_run(tmp_path, "tests.apps:gunicorn_app()") as url:
         session = logged_in_session(url, "ken")
         events = stream_thread(session, url, "words=4 delay=0.25")
         assert events[-1][0] - events[0][0] > 0.6  # spread out: streamed, not buffered
         assert sum(e["type"] == "thread.item.updated" for _, e in events) == 4
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
-        log.close()

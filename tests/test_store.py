@@ -6,7 +6,7 @@ import asyncio
 import multiprocessing
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import datetime, timedelta, timezone
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -67,12 +67,8 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[SQLAlchemyStore]:
-    s = SQLAlchemyStore(store_url)
-    s.create_all()
-    yield s
-    s.close()
-    s.engine.dispose()
+def store(sql_store: SQLAlchemyStore) -> SQLAlchemyStore:
+    return sql_store  # on SQLite and PostgreSQL (tests/pg.py), not conftest's MemoryStore
 
 
 def thread(tid: str, at: datetime = T0, **kw: Any) -> ThreadMetadata:

@@ -13,7 +13,7 @@ import contextvars
 import json
 import re
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from chatkit.store import StoreItemType, default_generate_id
 from chatkit.types import AssistantMessageContent, AssistantMessageItem, ThreadMetadata
 
-import flask_chatkit.storage.sql as sql
+import flask_chatkit.storage.ids as ids
 from flask_chatkit.storage.sql import DuplicateIdError, SQLAlchemyStore
 
 from .apps import create_test_app
@@ -59,12 +59,8 @@ def texts(store: SQLAlchemyStore, tid: str, who: Any) -> list[str]:
 
 
 @pytest.fixture
-def store(store_url: str) -> Iterator[SQLAlchemyStore]:
-    s = SQLAlchemyStore(store_url)
-    s.create_all()
-    yield s
-    s.close()
-    s.engine.dispose()
+def store(sql_store: SQLAlchemyStore) -> SQLAlchemyStore:
+    return sql_store  # on SQLite and PostgreSQL (tests/pg.py), not conftest's MemoryStore
 
 
 def test_ids_have_128_random_bits_and_the_sdk_prefixes() -> None:
@@ -88,7 +84,7 @@ def test_a_new_thread_never_takes_over_an_existing_one(
     taken = f"thr_{CLASH}"
     run(store.save_thread(ThreadMetadata(id=taken, created_at=T0, title="alice's"), ALICE))
     run(store.add_thread_item(taken, msg(taken, "msg_a", "alice's words"), ALICE))
-    monkeypatch.setattr(sql, "_random_hex", lambda: CLASH)
+    monkeypatch.setattr(ids, "_random_hex", lambda: CLASH)
 
     # Created by the SDK's usual save_thread (any host)...
     new_id = store.generate_thread_id(ALICE)
@@ -123,7 +119,7 @@ def test_a_new_thread_never_takes_over_an_existing_one(
     assert texts(store, taken, ALICE) == ["alice's words"]
 
     # Once created, save_thread updates as always (upsert semantics intact).
-    monkeypatch.setattr(sql, "_random_hex", lambda: "0" * 32)
+    monkeypatch.setattr(ids, "_random_hex", lambda: "0" * 32)
     fresh = store.generate_thread_id(ALICE)
     run(store.save_thread(ThreadMetadata(id=fresh, created_at=T0), ALICE))
     run(store.save_thread(ThreadMetadata(id=fresh, created_at=T0, title="renamed"), ALICE))

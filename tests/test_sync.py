@@ -8,11 +8,7 @@ the same ``db.engine``.
 from __future__ import annotations
 
 import concurrent.futures
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +27,7 @@ from tests.reliability.conftest import (
     raw_request,
 )
 
-from .gunicorn import ROOT, free_port, start_gunicorn, wait_for_port
+from .gunicorn import start_flask_run, start_gunicorn
 from .http_client import cookie_header, create_request, logged_in_session, sse_events
 
 pytestmark = pytest.mark.integration
@@ -282,19 +278,5 @@ def test_helpers_under_the_sync_worker(tmp_path: Path) -> None:
 
 
 def test_helpers_under_flask_run(tmp_path: Path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), **server_env(tmp_path)}
-    with (tmp_path / "flask.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flask", "--app", APP_SPEC, "run", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_port(port, proc)
-        smoke(f"http://127.0.0.1:{port}", tmp_path)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+    with start_flask_run(tmp_path, APP_SPEC, server_env(tmp_path)) as url:
+        smoke(url, tmp_path)

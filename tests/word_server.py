@@ -35,6 +35,25 @@ def message_options(input: UserMessageItem | None) -> dict[str, str]:
     return dict(part.split("=", 1) for part in text.split() if "=" in part)
 
 
+def empty_reply(
+    server: ChatKitServer[Any], thread: ThreadMetadata, context: Any
+) -> AssistantMessageItem:
+    """The assistant message a reply starts with; its text arrives as deltas."""
+    return AssistantMessageItem(
+        id=server.store.generate_item_id("message", thread, context),
+        thread_id=thread.id,
+        created_at=datetime.now(),
+        content=[AssistantMessageContent(text="")],
+    )
+
+
+def text_delta(item_id: str, text: str) -> ThreadItemUpdatedEvent:
+    return ThreadItemUpdatedEvent(
+        item_id=item_id,
+        update=AssistantMessageContentPartTextDelta(content_index=0, delta=text),
+    )
+
+
 class WordServer(ChatKitServer[Any]):
     """Streams ``w0 w1 …``: one assistant message, one delta per word."""
 
@@ -48,12 +67,7 @@ class WordServer(ChatKitServer[Any]):
         words = int(options.get("words", 3))
         delay = float(options.get("delay", 0))
         pad = "x" * int(options.get("pad", 0))
-        item = AssistantMessageItem(
-            id=self.store.generate_item_id("message", thread, context),
-            thread_id=thread.id,
-            created_at=datetime.now(),
-            content=[AssistantMessageContent(text="")],
-        )
+        item = empty_reply(self, thread, context)
         yield ThreadItemAddedEvent(item=item)
         parts = []
         try:
@@ -62,10 +76,7 @@ class WordServer(ChatKitServer[Any]):
                     await asyncio.sleep(delay)
                 word = f"w{index}{pad} "
                 parts.append(word)
-                yield ThreadItemUpdatedEvent(
-                    item_id=item.id,
-                    update=AssistantMessageContentPartTextDelta(content_index=0, delta=word),
-                )
+                yield text_delta(item.id, word)
         except asyncio.CancelledError:
             self.cancelled += 1
             raise

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
 import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import gevent
+
+from .native import outcome_of, settle, settle_from_thread
 
 T = TypeVar("T")
 logger = logging.getLogger("flask_chatkit")
@@ -59,28 +60,14 @@ class HubExecutor(concurrent.futures.Executor):
 
         future.add_done_callback(note_cancel)
 
-        def settle(ok: bool, value: Any) -> None:
-            if future.done():  # cancelled meanwhile: nobody waits for the result
-                return
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
         def job() -> None:
             if cancelled:  # cancelled before it started: skip the work
                 return
-            outcome: tuple[bool, Any]
-            try:
-                outcome = (True, fn(*args, **kwargs))
-            except BaseException as exc:  # handed to the waiter (GreenletExit too)
-                outcome = (False, exc)
+            outcome = outcome_of(fn, *args, **kwargs)
             if loop is None:
-                settle(*outcome)
-                return
-            # RuntimeError: the loop closed while we worked; nobody is waiting.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, *outcome)
+                settle(future, *outcome)
+            else:
+                settle_from_thread(loop, future, outcome)
 
         self.call_in_hub(gevent.spawn, job)
         return future

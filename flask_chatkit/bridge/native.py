@@ -21,7 +21,18 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["NativeThreadPool", "gevent_patched", "start_native_thread"]
+__all__ = [
+    "NativeThreadPool",
+    "Outcome",
+    "gevent_patched",
+    "outcome_of",
+    "settle",
+    "settle_from_thread",
+    "start_native_thread",
+]
+
+# (True, result) or (False, exception) of a call made on another thread.
+Outcome = tuple[bool, Any]
 
 
 def gevent_patched() -> bool:
@@ -46,6 +57,40 @@ def start_native_thread(target: Callable[[], None]) -> None:
 def native_lock() -> Any:
     """A real OS lock (gevent's patched locks must not be shared across threads)."""
     return _original("_thread", "allocate_lock")()
+
+
+def outcome_of(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Outcome:
+    """Call ``fn``; its result or whatever it raised (GreenletExit too), for a waiter."""
+    try:
+        return True, fn(*args, **kwargs)
+    except BaseException as exc:  # handed to the waiter, who re-raises it
+        return False, exc
+
+
+def settle(
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any], ok: bool, value: Any
+) -> None:
+    """Give ``future`` an outcome, unless it is done already (cancelled: nobody waits)."""
+    if future.done():
+        return
+    if ok:
+        future.set_result(value)
+    else:
+        future.set_exception(value)
+
+
+def settle_from_thread(
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any] | concurrent.futures.Future[Any],
+    outcome: Outcome,
+) -> None:
+    """Settle ``future`` on ``loop``'s own thread, from any other thread.
+
+    Only the loop thread ever touches the future, so no lock crosses threads.
+    """
+    # RuntimeError: the loop closed while the work ran; nobody is waiting.
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(settle, future, *outcome)
 
 
 _STOP = object()
@@ -111,23 +156,8 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
 
-        def settle(ok: bool, value: Any) -> None:
-            if future.done():  # the awaiting task was cancelled meanwhile
-                return
-            if ok:
-                future.set_result(value)
-            else:
-                future.set_exception(value)
-
         def job() -> None:
-            outcome: tuple[bool, Any]
-            try:
-                outcome = (True, fn(*args))
-            except BaseException as exc:  # handed back to the awaiting coroutine
-                outcome = (False, exc)
-            # RuntimeError: the loop closed while we worked; nobody is waiting.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(settle, *outcome)
+            settle_from_thread(loop, future, outcome_of(fn, *args))
 
         self._dispatch(job)
         return await future

@@ -4,37 +4,27 @@ Imports nothing of Flask (a FastAPI or Django ChatKit host can use it as is).
 Every read and write is scoped by the owner key ``owner(context)``. The async
 methods run their blocking SQLAlchemy work on native OS threads (see
 :mod:`flask_chatkit.bridge.native`) so a database round trip never blocks the loop.
+Ids and their clash rules live in :mod:`.ids`, schema and CLI work in
+:mod:`.maintenance`, the attachments table in :mod:`.attachment_rows`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
-import secrets
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
-from datetime import datetime
-from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
+from chatkit.store import NotFoundError, Store
 from chatkit.types import Attachment, Page, SDKHiddenContextItem, ThreadItem, ThreadMetadata
-from pydantic import TypeAdapter
-from sqlalchemy import (
-    Connection,
-    Engine,
-    and_,
-    delete,
-    exists,
-    select,
-)
+from sqlalchemy import Connection, Engine, Table, and_, delete, select
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
 
 from ..bridge.native import NativeThreadPool, native_lock
 from .attachment_rows import AttachmentRows
+from .ids import DuplicateIdError, StoreIds, _new_thread
+from .maintenance import Maintenance
+from .payloads import attachment_adapter, item_adapter, thread_payload
 from .schema import (
     build_engine,
     build_tables,
@@ -45,66 +35,12 @@ from .schema import (
     keyset_page,
     upsert,
 )
-from .version import check as check_version
-from .version import read_version, record_version
 
 __all__ = ["DuplicateIdError", "SQLAlchemyStore", "default_owner"]
 
 T = TypeVar("T")
-_THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
 _CHUNK = 500
 DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
-ID_RANDOM_BYTES = 16  # 128 random bits per id (the SDK's ids carry 32)
-_FRESH_IDS_KEPT = 10_000  # bound of the id bookkeeping below (generated, cancelled)
-
-
-class DuplicateIdError(Exception):
-    """A thread or item was inserted with an id its owner (thread) already has.
-
-    Raised instead of overwriting the existing row or silently dropping the new
-    one; the transaction is rolled back, so nothing of the insert is kept.
-    """
-
-
-def _random_hex() -> str:
-    return secrets.token_hex(ID_RANDOM_BYTES)
-
-
-@cache
-def _id_prefix(kind: StoreItemType) -> str:
-    # The SDK's own prefix for this kind ("thr", "msg", ...), without naming its private table.
-    return default_generate_id(kind).rpartition("_")[0]
-
-
-@lru_cache(maxsize=1)
-def _item_adapter() -> TypeAdapter[ThreadItem]:
-    return TypeAdapter(ThreadItem)
-
-
-@lru_cache(maxsize=1)
-def _attachment_adapter() -> TypeAdapter[Attachment]:
-    return TypeAdapter(Attachment)
-
-
-class _NewThread:
-    """A thread being created by ``threads.create``, not written until its first item.
-
-    ChatKit saves the new thread, streams ``thread.created``, and only then adds
-    the user message; a database failure or a cancel in between would leave an
-    empty thread behind. Held here, the thread and its first item are written
-    in one transaction instead.
-    """
-
-    def __init__(self) -> None:
-        self.armed = True  # the next save_thread in this context is the creation
-        self.threads: dict[str, tuple[str, ThreadMetadata]] = {}
-
-    def get(self, owner: str, thread_id: str) -> ThreadMetadata | None:
-        entry = self.threads.get(thread_id)
-        return entry[1] if entry is not None and entry[0] == owner else None
-
-
-_new_thread: ContextVar[_NewThread | None] = ContextVar("chatkit_new_thread", default=None)
 
 
 def default_owner(context: Any) -> str:
@@ -113,11 +49,7 @@ def default_owner(context: Any) -> str:
     return key
 
 
-def _thread_payload(thread: ThreadMetadata) -> dict[str, Any]:
-    return thread.model_dump(mode="json", include=set(_THREAD_FIELDS))
-
-
-class SQLAlchemyStore(AttachmentRows, Store[Any]):
+class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
     """ChatKit store over SQLAlchemy (SQLite or PostgreSQL), owner-scoped.
 
     ``bind`` is a database URL or an existing :class:`~sqlalchemy.Engine`
@@ -151,11 +83,7 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
         self.attachments = tables.attachments
         self.schema_version_table = tables.schema_version
         self.dialect = self.engine.dialect.name
-        # Thread ids this store generated and has not written yet: their first
-        # save_thread is the creation, an insert that must not meet an existing row.
-        self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
-        # (owner, thread, item) of item inserts whose caller was cancelled mid-write.
-        self._cancelled_adds: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        self._init_ids()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -191,49 +119,6 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
                     conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
             yield conn
 
-    @staticmethod
-    def defer_new_thread() -> None:
-        """Call in the context a ``threads.create`` request runs in (the view does).
-
-        The thread it creates is then written atomically with its first item.
-        """
-        _new_thread.set(_NewThread())
-
-    def create_all(self) -> None:
-        """Create the missing tables and record the schema version (idempotent).
-
-        Raises :class:`~flask_chatkit.storage.version.SchemaOutdated` when existing
-        tables are older than this code (e.g. a missing column): that needs a migration.
-        """
-        try:
-            self._create_all()
-        except DBAPIError:  # another process created them between check and CREATE
-            self._create_all()
-
-    def _create_all(self) -> None:
-        with self._tx(write=True) as conn:
-            self.metadata.create_all(conn, checkfirst=True)
-            self._add_attachment_columns(conn)  # schema 2: nullable, a plain ADD COLUMN
-            # Creating tables cannot add other columns: check before recording the version.
-            version_table, where = self.schema_version_table, self._where()
-            check_version(conn, self.metadata, version_table, where, structure_only=True)
-            record_version(conn, version_table)
-
-    def check_schema(self) -> None:
-        """Raise :class:`~flask_chatkit.storage.version.SchemaOutdated` when the
-        database's schema is older than this code (missing tables or columns, or an
-        older recorded version). Call it at start-up to fail fast."""
-        with self._tx() as conn:
-            check_version(conn, self.metadata, self.schema_version_table, self._where())
-
-    def schema_version(self) -> int | None:
-        """The schema version recorded in the database (None: not recorded)."""
-        with self._tx() as conn:
-            return read_version(conn, self.schema_version_table)
-
-    def _where(self) -> str:
-        return self.engine.url.render_as_string(hide_password=True)
-
     async def ping(self) -> None:
         """``SELECT 1`` on a pooled connection (the health route's database check)."""
         await self._run(self._ping)
@@ -242,43 +127,24 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()
 
-    # -- ids ----------------------------------------------------------------------
-    def generate_thread_id(self, context: Any) -> str:
-        """``thr_`` + 32 hex digits (128 random bits; the SDK's default has 32 bits)."""
-        thread_id = f"{_id_prefix('thread')}_{_random_hex()}"
-        fresh = self._fresh_thread_ids
-        fresh[thread_id] = None
-        while len(fresh) > _FRESH_IDS_KEPT:  # generated but never saved: forget the oldest
-            fresh.popitem(last=False)
-        return thread_id
-
-    def generate_item_id(
-        self, item_type: StoreItemType, thread: ThreadMetadata, context: Any
-    ) -> str:
-        """The SDK's prefix for ``item_type`` + 32 hex digits (128 random bits)."""
-        return f"{_id_prefix(item_type)}_{_random_hex()}"
-
-    def _is_creation(self, thread_id: str) -> bool:
-        """Whether this write of ``thread_id`` creates it (first save of a generated id)."""
-        try:
-            del self._fresh_thread_ids[thread_id]
-        except KeyError:
-            return False
-        return True
-
     # -- sync implementations (run on the pool) ------------------------------
     def _ping(self) -> None:
         with self._tx() as conn:
             conn.exec_driver_sql("SELECT 1")
 
+    def _payload(self, table: Table, not_found: str, *where: Any) -> Any:
+        """The payload of the one row of ``table`` matching ``where`` (NotFoundError if none)."""
+        with self._tx() as conn:
+            payload = conn.execute(select(table.c.payload).where(*where)).scalar()
+        if payload is None:
+            raise NotFoundError(not_found)
+        return payload
+
     def _load_thread(self, owner: str, thread_id: str) -> ThreadMetadata:
         t = self.threads
-        with self._tx() as conn:
-            payload = conn.execute(
-                select(t.c.payload).where(t.c.owner == owner, t.c.id == thread_id)
-            ).scalar()
-        if payload is None:
-            raise NotFoundError(f"Thread {thread_id} not found")
+        payload = self._payload(
+            t, f"Thread {thread_id} not found", t.c.owner == owner, t.c.id == thread_id
+        )
         return ThreadMetadata.model_validate(payload)
 
     @staticmethod
@@ -287,7 +153,7 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
             "owner": owner,
             "id": thread.id,
             "created_at": db_time(thread.created_at),
-            "payload": _thread_payload(thread),
+            "payload": thread_payload(thread),
         }
 
     def _save_thread(self, owner: str, thread: ThreadMetadata, create: bool = False) -> None:
@@ -321,7 +187,7 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
             rows, more = keyset_page(
                 conn, i, scope, after, limit, order, "Item", self.max_page_bytes
             )
-        adapter = _item_adapter()
+        adapter = item_adapter()
         data = [adapter.validate_python(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
 
@@ -354,15 +220,9 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
 
     def _load_item(self, owner: str, thread_id: str, item_id: str) -> ThreadItem:
         i = self.items
-        with self._tx() as conn:
-            payload = conn.execute(
-                select(i.c.payload).where(
-                    i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id
-                )
-            ).scalar()
-        if payload is None:
-            raise NotFoundError(f"Item {item_id} not found")
-        return _item_adapter().validate_python(payload)
+        scope = (i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id)
+        payload = self._payload(i, f"Item {item_id} not found", *scope)
+        return item_adapter().validate_python(payload)
 
     def _owned_item_ids(self, owner: str, thread_id: str, item_ids: Sequence[str]) -> set[str]:
         i = self.items
@@ -415,13 +275,10 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
 
     def _load_attachment(self, owner: str, attachment_id: str) -> Attachment:
         a = self.attachments
-        with self._tx() as conn:
-            payload = conn.execute(
-                select(a.c.payload).where(a.c.owner == owner, a.c.id == attachment_id)
-            ).scalar()
-        if payload is None:
-            raise NotFoundError(f"Attachment {attachment_id} not found")
-        return _attachment_adapter().validate_python(payload)
+        payload = self._payload(
+            a, f"Attachment {attachment_id} not found", a.c.owner == owner, a.c.id == attachment_id
+        )
+        return attachment_adapter().validate_python(payload)
 
     def _delete_attachment(self, owner: str, attachment_id: str) -> None:
         a = self.attachments
@@ -482,28 +339,6 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
         await self._insert_item(owner, thread_id, item, held)
         pending.threads.pop(thread_id, None)
 
-    async def _insert_item(
-        self, owner: str, thread_id: str, item: ThreadItem, held: ThreadMetadata | None = None
-    ) -> None:
-        key = (owner, thread_id, item.id)
-        try:
-            await self._run(self._add_thread_item, owner, thread_id, item, held)
-        except asyncio.CancelledError:
-            # The write goes on in its worker thread and may commit, while ChatKit,
-            # seeing the cancel, adds the same item again (as a pending one in
-            # handle_stream_cancelled). That second add is no clash: remember it.
-            cancelled = self._cancelled_adds
-            cancelled[key] = None
-            while len(cancelled) > _FRESH_IDS_KEPT:
-                cancelled.popitem(last=False)
-            raise
-        except DuplicateIdError:
-            if key not in self._cancelled_adds:
-                raise
-            del self._cancelled_adds[key]  # the cancelled add got there first: keep it
-            return
-        self._cancelled_adds.pop(key, None)
-
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         pending = _new_thread.get()
         if pending is not None and pending.get(self.owner_key(context), thread_id) is not None:
@@ -535,66 +370,3 @@ class SQLAlchemyStore(AttachmentRows, Store[Any]):
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
         owner = self.owner_key(context)
         await self._run(self._delete_thread_item, owner, thread_id, item_id)
-
-    # -- sync helpers for the CLI (not part of chatkit's Store) ---------------
-    def iter_owner_threads(
-        self, owner_key: str
-    ) -> Iterator[tuple[ThreadMetadata, list[ThreadItem]]]:
-        """Every thread of ``owner_key`` (oldest first) with all its items, oldest first."""
-        t, i = self.threads, self.items
-        with self._tx() as conn:
-            threads = list(
-                conn.execute(
-                    select(t.c.id, t.c.payload)
-                    .where(t.c.owner == owner_key)
-                    .order_by(t.c.created_at, t.c.seq)
-                )
-            )
-        adapter = _item_adapter()
-        for row in threads:
-            with self._tx() as conn:
-                payloads = (
-                    conn.execute(
-                        select(i.c.payload)
-                        .where(i.c.thread_id == row.id, i.c.owner == owner_key)
-                        .order_by(i.c.created_at, i.c.seq)
-                    )
-                    .scalars()
-                    .all()
-                )
-            items = [adapter.validate_python(p) for p in payloads]
-            yield ThreadMetadata.model_validate(row.payload), items
-
-    def export_owner(self, owner_key: str) -> Iterator[dict[str, Any]]:
-        """JSON-ready ``{"thread": ..., "items": [...]}`` records for one owner."""
-        for thread, items in self.iter_owner_threads(owner_key):
-            yield {
-                "thread": _thread_payload(thread),
-                "items": [item.model_dump(mode="json") for item in items],
-            }
-
-    def prune(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
-        """Delete whole threads whose last activity is before ``older_than``.
-
-        Last activity is the newest ``created_at`` of the thread and its items.
-        Returns the removed thread ids (``dry_run``: the ids, nothing removed).
-        """
-        cutoff = db_time(older_than)
-        t, i = self.threads, self.items
-        recent_item = exists().where(
-            i.c.owner == t.c.owner, i.c.thread_id == t.c.id, i.c.created_at >= cutoff
-        )
-        query = select(t.c.owner, t.c.id).where(t.c.created_at < cutoff, ~recent_item)
-        removed: list[str] = []
-        attachment_ids: list[str] = []
-        with self._tx(write=True) as conn:
-            by_owner: dict[str, list[str]] = {}
-            for owner, thread_id in conn.execute(query.order_by(t.c.created_at, t.c.seq)):
-                by_owner.setdefault(owner, []).append(thread_id)
-                removed.append(thread_id)
-            if dry_run:
-                return removed
-            for owner, ids in by_owner.items():
-                attachment_ids += self._delete_threads(conn, owner, ids)
-        self._attachments_removed(attachment_ids)
-        return removed

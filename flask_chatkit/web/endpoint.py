@@ -139,6 +139,7 @@ def chatkit_endpoint() -> Response:
         raise method_not_allowed(request.method, "POST, OPTIONS")
     state = get_state()
     settings = state.settings
+    state.check_setup()
     if state.uses_default_context:
         require_login()  # 401 before reading the body (custom loaders need the payload)
     body = read_limited_body(settings.max_request_bytes)

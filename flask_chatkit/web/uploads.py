@@ -79,6 +79,7 @@ class _Call:
             raise ChatKitHTTPException(404, "Attachment uploads are not served by this app.")
         self.state: ChatKitState = state
         self.files: FileAttachmentStore = files
+        state.check_setup()
         self.context: Any = state.context_loader(request, {})
         state.ensure_schema()
 

@@ -11,7 +11,7 @@ import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ import requests
 
 from tests.http_client import create_request, logged_in_session
 from tests.http_client import user_input as user_input  # re-exported for the tests here
+from tests.pg import fresh_database
 
 APP_SPEC = "tests.reliability.app:gunicorn_app()"
 PREFIX = "/chatkit"
@@ -30,6 +31,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "tests/reliability/" in str(item.fspath).replace(os.sep, "/"):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def shared_pg_url(pg_cluster: Any) -> Iterator[str]:
+    """One empty PostgreSQL database for this test, shared by all its servers."""
+    with fresh_database(pg_cluster) as url:
+        yield url
 
 
 # -- requests-level helpers ---------------------------------------------------

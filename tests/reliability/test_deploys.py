@@ -173,6 +173,28 @@ def _stop_during_streams(
     return stopped, long_readers, short, long_ends, short_end
 
 
+def _signal(server: RunningServer, sig: signal.Signals) -> Callable[[], float]:
+    """A ``stop`` for :func:`_stop_during_streams`: signal the master, return when."""
+
+    def send() -> float:
+        server.proc.send_signal(sig)
+        return time.monotonic()
+
+    return send
+
+
+def _assert_replaced_and_saved(
+    server: RunningServer, old: int, longs: list[StreamReader], short: StreamReader
+) -> None:
+    """The old worker is gone, a new one serves, and every reply is in the store."""
+    assert wait_until(lambda: old not in server.worker_pids(), GRACE + 2), server.log()
+    assert wait_until(lambda: len(server.worker_pids()) == 1, 10), server.log()
+    for reader in longs:
+        items = store_items(server.url, USER, str(reader.thread_id()))
+        _assert_cancelled_and_saved(items, reader.deltas())
+    _assert_finished(store_items(server.url, USER, str(short.thread_id())), short.events)
+
+
 def _assert_timing(stopped: float, long_ends: list[float], short_end: float) -> None:
     after = [round(end - stopped, 2) for end in long_ends]
     # Not cut at once (the plan leaves replies 2 s), and ended before the SIGKILL.
@@ -186,11 +208,8 @@ def test_master_sigterm_saves_every_partial_reply(tmp_path: Path, worker_class: 
     with _server(tmp_path, worker_class) as server:
         worker = _the_worker(server)
 
-        def sigterm() -> float:
-            server.proc.send_signal(signal.SIGTERM)
-            return time.monotonic()
-
-        stopped, longs, short, long_ends, short_end = _stop_during_streams(server, sigterm)
+        stop = _signal(server, signal.SIGTERM)
+        stopped, longs, short, long_ends, short_end = _stop_during_streams(server, stop)
         server.proc.wait(timeout=GRACE + 5)
         exited = time.monotonic() - stopped
         log = server.log()
@@ -218,19 +237,11 @@ def test_hup_reload_saves_partial_replies(tmp_path: Path, worker_class: str) -> 
     with _server(tmp_path, worker_class) as server:
         old = _the_worker(server)
 
-        def hup() -> float:
-            server.proc.send_signal(signal.SIGHUP)
-            return time.monotonic()
-
-        stopped, longs, short, long_ends, short_end = _stop_during_streams(server, hup)
+        stop = _signal(server, signal.SIGHUP)
+        stopped, longs, short, long_ends, short_end = _stop_during_streams(server, stop)
         _assert_timing(stopped, long_ends, short_end)
-        # The old worker leaves on its own (the master never SIGKILLs on HUP); a new one serves.
-        assert wait_until(lambda: old not in server.worker_pids(), GRACE + 2), server.log()
-        assert wait_until(lambda: len(server.worker_pids()) == 1, 10), server.log()
-        for reader in longs:
-            items = store_items(server.url, USER, str(reader.thread_id()))
-            _assert_cancelled_and_saved(items, reader.deltas())
-        _assert_finished(store_items(server.url, USER, str(short.thread_id())), short.events)
+        # The old worker leaves on its own (the master never SIGKILLs on HUP).
+        _assert_replaced_and_saved(server, old, longs, short)
         assert "SIGKILL" not in server.log()
 
 
@@ -248,12 +259,7 @@ def test_max_requests_recycling_saves_partial_replies(tmp_path: Path, worker_cla
         *long_ends, short_end = _ends([*longs, short])
         # No signal here: the worker's alive flag is polled (lifecycle.POLL_INTERVAL).
         _assert_timing(stopped, long_ends, short_end)
-        assert wait_until(lambda: old not in server.worker_pids(), GRACE + 2), server.log()
-        assert wait_until(lambda: len(server.worker_pids()) == 1, 10), server.log()
-        for reader in longs:
-            items = store_items(server.url, USER, str(reader.thread_id()))
-            _assert_cancelled_and_saved(items, reader.deltas())
-        _assert_finished(store_items(server.url, USER, str(short.thread_id())), short.events)
+        _assert_replaced_and_saved(server, old, longs, short)
 
 
 @pytest.mark.timeout(60)

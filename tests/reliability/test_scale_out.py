@@ -9,10 +9,8 @@ ownership is not enforced across servers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -29,15 +27,6 @@ from .conftest import (
     sse_events,
     user_input,
 )
-
-
-@pytest.fixture
-def shared_pg_url(pg_cluster: Any) -> Iterator[str]:
-    url = pg_cluster.create_database()
-    try:
-        yield url
-    finally:
-        pg_cluster.drop_database(url.rsplit("/", 1)[1])
 
 
 @pytest.mark.timeout(180)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import requests
@@ -31,15 +29,6 @@ from .conftest import (
     sse_events,
     user_input,
 )
-
-
-@pytest.fixture
-def shared_pg_url(pg_cluster: Any) -> Iterator[str]:
-    url = pg_cluster.create_database()
-    try:
-        yield url
-    finally:
-        pg_cluster.drop_database(url.rsplit("/", 1)[1])
 
 
 def machine(tmp_path: Path, name: str) -> Path:
