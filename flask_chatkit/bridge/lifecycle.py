@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -115,6 +116,20 @@ def find_gunicorn_worker() -> Any | None:
     return owner if isinstance(owner, base.Worker) else None
 
 
+def freeze_startup_objects() -> None:
+    """Keep what the worker built at start-up out of the garbage collector's full passes.
+
+    A full (oldest-generation) collection walks every tracked object and holds the GIL
+    throughout: in a worker with the SDK, SQLAlchemy and boto3 loaded (~260k objects)
+    it took ~100 ms, a pause every open stream of the worker felt (measured as 57 ms
+    gaps between deltas). Objects alive once the app is loaded are modules, classes and
+    the app itself, which live as long as the worker: ``gc.freeze()`` moves them to a
+    permanent generation, so later passes walk only what requests create.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 class WorkerLifecycle:
     """Hooks the stop path of the gunicorn worker the process runs in (once per pid)."""
 
@@ -155,6 +170,7 @@ class WorkerLifecycle:
         if worker is None:
             return  # not (yet) in a worker: e.g. --preload loads the app in the master
         self._pid, self._worker = pid, worker
+        freeze_startup_objects()
         self._cancel_handle = self._cancel_at = self._cancelling = None
         self._graceful_timeout = float(worker.cfg.graceful_timeout)
         plan = StopPlan(self._graceful_timeout, self._cancel_timeout)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import gc
 import os
 from typing import Any
 
@@ -56,9 +57,10 @@ def gunicorn_app() -> Flask:
 
         plan = _LIFECYCLE.plan
         if plan is None:
-            return jsonify(pid=os.getpid(), plan=None)
+            return jsonify(pid=os.getpid(), plan=None, gc_frozen=gc.get_freeze_count())
         return jsonify(
             pid=os.getpid(),
+            gc_frozen=gc.get_freeze_count(),
             plan={
                 "graceful_timeout": plan.graceful_timeout,
                 "cancel_timeout": plan.cancel_timeout,

@@ -290,8 +290,11 @@ def test_plan_reads_gunicorns_default_grace_period(tmp_path: Path) -> None:
         # The plan is made once the worker's loop runs (a stream or a probe starts it).
         reader = _open_stream(server, _login_cookie(server), "words=3")
         _read_to_end(reader)
-        plan = requests.get(f"{server.url}/_test/lifecycle", timeout=10).json()["plan"]
+        probe = requests.get(f"{server.url}/_test/lifecycle", timeout=10).json()
+        plan = probe["plan"]
         log = server.log()
+    # What the worker built at start-up is kept out of full collections (gc.freeze).
+    assert probe["gc_frozen"] > 10_000
     assert plan == {
         "graceful_timeout": 30.0,
         "cancel_timeout": 10.0,
