@@ -125,15 +125,6 @@ def _unknown_path(unknown: str) -> Response:
     raise ChatKitHTTPException(404, "No such ChatKit route.")
 
 
-def read_limited_body(limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` without buffering it all.
-
-    Read once per request: a ``before_request`` hook may have read it already
-    (:func:`flask_chatkit.chatkit_request_type`).
-    """
-    return request_body(limit)
-
-
 def chatkit_endpoint() -> Response:
     if request.method != "POST":
         raise method_not_allowed(request.method, "POST, OPTIONS")
@@ -142,7 +133,7 @@ def chatkit_endpoint() -> Response:
     state.check_setup()
     if state.uses_default_context:
         require_login()  # 401 before reading the body (custom loaders need the payload)
-    body = read_limited_body(settings.max_request_bytes)
+    body = request_body(settings.max_request_bytes)  # read once (hooks may have read it)
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
     parsed = parse_request(body)
