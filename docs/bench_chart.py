@@ -103,8 +103,9 @@ def ratio_chart(rows: list[Row]) -> str:
             f"<rect x='{label_w}' y='{y + 3}' width='{x(value) - label_w:.1f}' "
             f"height='{row_h - 6}' fill='{colour}'/>"
         )
-        out.append(f"<text x='{x(value) + 4:.1f}' y='{y + 14}'>{value:.2f}×</text>")
         target = target_value(row)
+        label_x = max(x(value), x(target if target is not None else 0.0), x(1.0)) + 5
+        out.append(f"<text x='{label_x:.1f}' y='{y + 14}'>{value:.2f}&#215;</text>")
         if target is not None:
             out.append(
                 f"<line x1='{x(target):.1f}' x2='{x(target):.1f}' y1='{y + 1}' "
@@ -116,7 +117,7 @@ def ratio_chart(rows: list[Row]) -> str:
         "stroke='#444' stroke-dasharray='4 3'/>"
     )
     out.append(
-        f"<text x='{x(1.0):.1f}' y='{bottom + 18}' text-anchor='middle'>1× (even)</text>"
+        f"<text x='{x(1.0):.1f}' y='{bottom + 18}' text-anchor='middle'>1&#215; (even)</text>"
     )
     out.append(
         f"<text x='{label_w}' y='{bottom + 34}'>green: target met · red: not met · "
@@ -172,9 +173,7 @@ def streams_chart(rows: list[Row]) -> str:
     legend_y = top + plot_h + 40
     out.append(f"<rect x='{left}' y='{legend_y - 10}' width='12' height='12' fill='{OURS}'/>")
     out.append(f"<text x='{left + 16}' y='{legend_y}'>flask-chatkit (gunicorn -k gevent)</text>")
-    out.append(
-        f"<rect x='{left + 250}' y='{legend_y - 10}' width='12' height='12' fill='{PEER}'/>"
-    )
+    out.append(f"<rect x='{left + 250}' y='{legend_y - 10}' width='12' height='12' fill='{PEER}'/>")
     out.append(f"<text x='{left + 266}' y='{legend_y}'>FastAPI/uvicorn + fix</text>")
     out.append("</svg>")
     return "\n".join(out) + "\n"

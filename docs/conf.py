@@ -22,7 +22,7 @@ import flask_chatkit  # noqa: E402
 
 project = "flask-chatkit"
 author = "flask-chatkit contributors"
-copyright = "flask-chatkit contributors"  # noqa: A001 (Sphinx's name)
+copyright = "flask-chatkit contributors"
 release = flask_chatkit.__version__
 version = release
 
@@ -39,7 +39,8 @@ myst_heading_anchors = 3  # `[text](#a-heading)` links within and across pages
 
 html_theme = "furo"
 html_title = f"flask-chatkit {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_favicon = "_static/favicon.svg"  # else browsers ask for /favicon.ico and log a 404
 html_show_sourcelink = False
 
 autodoc_member_order = "bysource"
@@ -63,12 +64,15 @@ nitpick_ignore_regex = [
         r"|contextvars|io|os|pathlib|types|logging|gevent)(\..*)?",
     ),
     (r"py:.*", r"flask_chatkit\.(web|bridge|storage)\..*"),
-    (r"py:.*", r"(Any|Callable|Iterable|Iterator|AsyncIterator|Awaitable|TypeVar|Literal"
-               r"|BinaryIO|IO|ParamSpec|P|R|T|T_co|TContext|Engine|MetaData|Store"
-               r"|AttachmentStore|ChatKitServer|Flask|FlaskClient|Request|Response"
-               r"|ThreadStreamEvent|Thread|ThreadItem|Page|Attachment|ChatKitReq|NamedSignal"
-               r"|Path|datetime|timedelta|Exception|BaseException|URL|Namespace|~?P"
-               r"|AttachmentTooLarge|ThreadMetadata)"),
+    (
+        r"py:.*",
+        r"(Any|Callable|Iterable|Iterator|AsyncIterator|Awaitable|TypeVar|Literal"
+        r"|BinaryIO|IO|ParamSpec|P|R|T|T_co|TContext|Engine|MetaData|Store"
+        r"|AttachmentStore|ChatKitServer|Flask|FlaskClient|Request|Response"
+        r"|ThreadStreamEvent|Thread|ThreadItem|Page|Attachment|ChatKitReq|NamedSignal"
+        r"|Path|datetime|timedelta|Exception|BaseException|URL|Namespace|~?P"
+        r"|AttachmentTooLarge|ThreadMetadata)",
+    ),
     (r"py:.*", r"(None|int|str|bytes|float|bool|dict|list|tuple|set|frozenset|type|object)"),
     # A dataclass field's `dict[str, Any] = <factory>` default is split at its comma by
     # Sphinx's signature parser (RequestContext.metadata).
