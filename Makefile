@@ -11,16 +11,22 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test test-min dist lint docs docs-serve bench system-deps clean
 
+# The venv without pip (seeding pip takes seconds), uv put in by the interpreter's own pip
+# (pip >= 22.3: --python); without such a pip, a venv with pip installs uv itself.
 $(UV):
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q uv
+	$(PYTHON) -m venv --without-pip $(VENV)
+	if $(PYTHON) -m pip --python $(BIN)/python --version >/dev/null 2>&1; then \
+		$(PYTHON) -m pip --python $(BIN)/python install -q uv; \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(BIN)/python -m pip install -q uv; \
+	fi
 
 $(RUN_STAMP): pyproject.toml | $(UV)
 	$(UV) pip install -q --python $(BIN)/python -e .
 	touch $@
 
 $(STAMP): pyproject.toml $(RUN_STAMP)
-	$(UV) pip install -q --python $(BIN)/python -e ".[dev,docs]"
+	$(UV) pip install -q --python $(BIN)/python -e ".[dev,docs]" pip
 	touch $@
 
 run: $(RUN_STAMP)
