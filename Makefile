@@ -29,8 +29,10 @@ $(STAMP): pyproject.toml $(RUN_STAMP)
 	$(UV) pip install -q --python $(BIN)/python -e ".[dev,docs]" pip
 	touch $@
 
+# One worker unless WEB_CONCURRENCY says otherwise: the demo needs no more, and a second
+# worker importing the SDK at the same time doubled the wait for the first page.
 run: $(RUN_STAMP)
-	$(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
+	WEB_CONCURRENCY=$${WEB_CONCURRENCY:-1} $(BIN)/gunicorn -c gunicorn.conf.py wsgi:app
 
 # PostgreSQL and Chromium come from Debian's packages, installed only when absent.
 system-deps:
