@@ -31,12 +31,7 @@ never breaks a request or a stream.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from blinker import NamedSignal, Namespace
-
-logger = logging.getLogger("flask_chatkit")
+from blinker import Namespace
 
 _signals = Namespace()
 
@@ -79,13 +74,3 @@ __all__ = [
     "stream_started",
 ]
 
-
-def send(signal: NamedSignal, sender: Any, **kwargs: Any) -> None:
-    """Call each receiver; one that raises is logged and the others still run."""
-    if not signal.receivers:  # the common case: nothing connected, nothing to do
-        return
-    for receiver in signal.receivers_for(sender):
-        try:
-            receiver(sender, **kwargs)
-        except Exception:
-            logger.exception("receiver %r of signal %r failed", receiver, signal.name)

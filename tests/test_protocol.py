@@ -11,7 +11,8 @@ import pytest
 from chatkit.server import NonStreamingResult, StreamingResult
 
 from flask_chatkit import RequestContext
-from flask_chatkit.web.protocol import parse_request, process_parsed
+from flask_chatkit.web.endpoint import process as process_parsed
+from flask_chatkit.web.request_body import parse_request
 
 from .apps import ScriptedServer, create_test_app
 from .memory_store import MemoryStore
@@ -107,18 +108,11 @@ def test_view_never_builds_a_type_adapter_per_request(monkeypatch: pytest.Monkey
 def test_fast_path_is_on_for_the_pinned_sdk_and_guards_changes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from flask_chatkit.web import protocol
+    from flask_chatkit.web import endpoint
 
     # The installed SDK is the one the fast path was written against.
-    assert protocol.FAST_PATH_AVAILABLE
-    assert protocol._sdk_process_unchanged()
-    # A different major version, or a process() that does something new: fall back.
-    monkeypatch.setattr(protocol, "sdk_version", "2.0.0")
-    assert not protocol._sdk_process_unchanged()
-    monkeypatch.setattr(protocol, "sdk_version", "1.9.0")
-    monkeypatch.setattr(protocol, "_KNOWN_PROCESS_NAMES", protocol._KNOWN_PROCESS_NAMES - {"info"})
-    assert not protocol._sdk_process_unchanged()
-    monkeypatch.setattr(protocol, "FAST_PATH_AVAILABLE", False)
+    assert endpoint.SDK_PROCESS_UNCHANGED
+    monkeypatch.setattr(endpoint, "SDK_PROCESS_UNCHANGED", False)
     server = ScriptedServer(MemoryStore())
     calls: list[bytes] = []
     original = ScriptedServer.process
