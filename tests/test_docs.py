@@ -202,7 +202,7 @@ def test_config_defaults_on_the_page_are_the_real_ones() -> None:
 
 
 def test_http_error_codes_are_the_endpoints() -> None:
-    from flask_chatkit.web.errors import STATUS_CODES
+    from flask_chatkit.errors import STATUS_CODES
 
     table: dict[int, set[str]] = {}
     for line in (DOCS / "reference" / "http.md").read_text().splitlines():
