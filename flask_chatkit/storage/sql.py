@@ -29,6 +29,7 @@ never stalls the loop; driven with no loop running, right where it is called.
 
 from __future__ import annotations
 
+import _queue
 import asyncio
 import contextlib
 import os
@@ -64,7 +65,14 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ..bridge.native import NativeThreadPool, native_lock
+from ..bridge.native import (
+    NativeThreadPool,
+    native_lock,
+    native_thread_id,
+    outcome_of,
+    settle_from_thread,
+    start_native_thread,
+)
 from .schema import build_engine, build_tables, engine_pool_capacity, is_sqlite_memory
 from .version import check as check_version
 from .version import read_version, record_version
@@ -285,6 +293,91 @@ def _byte_bounded_page(
     return kept, bool(rows) and rows[0].fetched > len(kept)
 
 
+# -- SQLite group commit ------------------------------------------------------------
+_STOP = object()
+MAX_GROUP = 64  # most writes one group commit carries
+
+
+def _writes(fn: Callable[..., T]) -> Callable[..., T]:
+    """Mark a sync method that writes: on SQLite it runs in the group writer's transaction."""
+    fn._chatkit_writes = True  # type: ignore[attr-defined]
+    return fn
+
+
+class _GroupWriter:
+    """One native thread that commits every SQLite write queued meanwhile in one transaction.
+
+    SQLite has one writer at a time. Several store threads each committing their own
+    write take turns on the database lock, and a thread that finds it taken sleeps in
+    SQLite's busy handler. Here the writes that arrive together run one after the
+    other on one connection, each in a SAVEPOINT of a shared ``BEGIN IMMEDIATE``
+    transaction (so one that fails is rolled back alone), and one COMMIT stores them
+    all. Each caller's await returns only after the COMMIT that holds its own write;
+    if that COMMIT fails, every write of the group fails with it. Work that must wait
+    for the commit (deleting files of removed rows) runs after it.
+    """
+
+    def __init__(self, store: SQLAlchemyStore) -> None:
+        self._store = store
+        self._jobs: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
+        self.thread_id: int | None = None  # the writer's native thread, once started
+        self.conn: Connection | None = None  # the group's connection, while one runs
+        self.after_commit: list[Callable[[], None]] = []
+        start_native_thread(self._serve)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(_STOP)
+
+    def group_conn(self) -> Connection | None:
+        """The group's connection when called by a write the group is running, else None."""
+        conn = self.conn
+        return conn if conn is not None and self.thread_id == native_thread_id() else None
+
+    def _serve(self) -> None:
+        self.thread_id = native_thread_id()
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            group = [job]
+            while len(group) < MAX_GROUP:
+                try:
+                    job = self._jobs.get_nowait()
+                except _queue.Empty:
+                    break
+                if job is _STOP:
+                    self._jobs.put(_STOP)  # after this group
+                    break
+                group.append(job)
+            self._commit(group)
+
+    def _commit(self, group: list[Any]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        self.after_commit = []
+        try:
+            with self._store.engine.begin() as conn:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                self.conn = conn
+                try:
+                    # Each write's own _tx() is a SAVEPOINT of this transaction.
+                    outcomes = [outcome_of(fn, *args) for _, _, fn, args in group]
+                finally:
+                    self.conn = None
+        except BaseException as exc:  # the COMMIT (or BEGIN) failed: nothing is stored
+            outcomes = [(False, exc)] * len(group)
+            self.after_commit = []
+        for action in self.after_commit:
+            action()
+        for (loop, future, _, _), outcome in zip(group, outcomes, strict=True):
+            settle_from_thread(loop, future, outcome)
+
+
 def default_owner(context: Any) -> str:
     """The default owner key: ``context.user_id``."""
     key: str = getattr(context, "user_id")  # noqa: B009 - any context with a user_id
@@ -339,6 +432,10 @@ class SQLAlchemyStore(Store[Any]):
         # A single shared in-memory connection must never be used by two threads at once.
         self._guard: Any = native_lock() if self._memory else contextlib.nullcontext()
         workers = 1 if self._memory else engine_pool_capacity(self.engine)
+        # A SQLite file's writes go to one group writer; the other connections read.
+        self._writer = _GroupWriter(self) if self._sqlite and not self._memory else None
+        if self._writer is not None:
+            workers = max(1, workers - 1)
         self._pool: NativeThreadPool = NativeThreadPool(max_workers=workers, name="chatkit-store")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
@@ -355,6 +452,8 @@ class SQLAlchemyStore(Store[Any]):
         if self._pid != os.getpid():  # forked (e.g. gunicorn): the workers stayed behind
             self.engine.dispose(close=False)  # the parent's connections are not ours
             self._start_workers()
+        if self._writer is not None and getattr(fn, "_chatkit_writes", False):
+            return await self._writer.run(fn, *args)
         return await self._pool.run(fn, *args)
 
     # -- plumbing -------------------------------------------------------------
@@ -366,7 +465,15 @@ class SQLAlchemyStore(Store[Any]):
 
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[Connection]:
-        """One transaction; on SQLite a write takes the write lock up front."""
+        """One transaction; on SQLite a write takes the write lock up front.
+
+        On the group writer's thread: a SAVEPOINT of the group's transaction.
+        """
+        group_conn = self._writer.group_conn() if self._writer is not None else None
+        if group_conn is not None:
+            with group_conn.begin_nested():
+                yield group_conn
+            return
         with self._guard, self.engine.begin() as conn:
             if self._sqlite:
                 dbapi = conn.connection.dbapi_connection
@@ -381,6 +488,8 @@ class SQLAlchemyStore(Store[Any]):
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()
+        if self._writer is not None:
+            self._writer.stop()
 
     # -- sync implementations (run on the pool) ------------------------------
     def _ping(self) -> None:
@@ -411,6 +520,7 @@ class SQLAlchemyStore(Store[Any]):
             "payload": thread_payload(thread),
         }
 
+    @_writes
     def _save_thread(self, owner: str, thread: ThreadMetadata, create: bool = False) -> None:
         with self._tx(write=True) as conn:
             if create:
@@ -455,6 +565,7 @@ class SQLAlchemyStore(Store[Any]):
             "payload": item.model_dump(mode="json"),
         }
 
+    @_writes
     def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
         with self._tx(write=True) as conn:
@@ -464,6 +575,7 @@ class SQLAlchemyStore(Store[Any]):
             if not insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
                 raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
 
+    @_writes
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
         with self._tx(write=True) as conn:
@@ -490,6 +602,7 @@ class SQLAlchemyStore(Store[Any]):
                 )
         return found
 
+    @_writes
     def _delete_thread_item(self, owner: str, thread_id: str, item_id: str) -> None:
         i = self.items
         with self._tx(write=True) as conn:
@@ -516,9 +629,16 @@ class SQLAlchemyStore(Store[Any]):
 
     def _attachments_removed(self, attachment_ids: list[str]) -> None:
         # After commit: the files go only once no row points at them any more.
-        if attachment_ids and self.on_attachments_deleted is not None:
-            self.on_attachments_deleted(attachment_ids)
+        callback = self.on_attachments_deleted
+        if not attachment_ids or callback is None:
+            return
+        writer = self._writer
+        if writer is not None and writer.group_conn() is not None:
+            writer.after_commit.append(lambda: callback(attachment_ids))  # the group's commit
+            return
+        callback(attachment_ids)
 
+    @_writes
     def _delete_thread(self, owner: str, thread_id: str) -> None:
         with self._tx(write=True) as conn:
             removed = self._delete_threads(conn, owner, [thread_id])
@@ -531,6 +651,7 @@ class SQLAlchemyStore(Store[Any]):
         )
         return attachment_adapter().validate_python(payload)
 
+    @_writes
     def _delete_attachment(self, owner: str, attachment_id: str) -> None:
         a = self.attachments
         with self._tx(write=True) as conn:
@@ -647,6 +768,7 @@ class SQLAlchemyStore(Store[Any]):
                 )
 
     # -- rows -----------------------------------------------------------------
+    @_writes
     def _save_attachment(self, owner: str, attachment: Attachment) -> None:
         a = self.attachments
         payload = attachment.model_dump(mode="json")
@@ -691,6 +813,7 @@ class SQLAlchemyStore(Store[Any]):
                 update(a).where(a.c.owner == owner, a.c.id == attachment.id).values(**changes)
             )
 
+    @_writes
     def _set_upload_state(
         self, owner: str, attachment_id: str, before: str, after: str, payload: Any = None
     ) -> bool:
