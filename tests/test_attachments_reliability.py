@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -474,3 +475,95 @@ def test_s3_serves_a_presigned_upload_before_it_is_sent(
     assert (
         _login(app, "bob").get(f"/chatkit/attachments/{attachment.id}/content").status_code == 404
     )
+
+
+# -- #11 logs name the storage, not the database -------------------------------------------
+
+
+def test_s3_outage_is_logged_as_storage_unavailable(
+    tmp_path: Path, s3_server: S3Server, s3_bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
+    web = _login(app)
+    storage = app.extensions["chatkit"].attachment_store.storage
+    storage._client = boto3.session.Session().client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        region_name=s3_server.env["AWS_DEFAULT_REGION"],
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+    with caplog.at_level("WARNING", logger="flask_chatkit"):
+        answer = _direct(web, b"nowhere to go")
+    assert answer.status_code == 503
+    assert answer.get_json()["error"]["code"] == "storage_unavailable"
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("attachment storage unavailable" in m for m in messages), messages
+    assert not any("database unavailable" in m for m in messages), messages
+
+
+# -- the minimum upload rate -----------------------------------------------------------------
+
+
+def test_a_trickling_upload_gets_408_and_the_connection_closes(tmp_path: Path) -> None:
+    from flask_chatkit.web.uploads import UPLOAD_GRACE_SECONDS
+
+    env = {
+        "CHATKIT_TEST_STORE": "sql",
+        "CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "CHATKIT_ATTACHMENTS_DIR": str(tmp_path / "files"),
+        "CHATKIT_ALLOWED_MIME_TYPES": "text/plain",
+    }
+    with start_gunicorn(tmp_path, env=env) as server:
+        alice = logged_in_session(server.url, "alice")
+        body = {
+            "type": "attachments.create",
+            "params": {"name": "a.txt", "size": 1_000_000, "mime_type": "text/plain"},
+        }
+        attachment_id = alice.post(f"{server.url}/chatkit", json=body, timeout=10).json()["id"]
+        cookie = "; ".join(f"{k}={v}" for k, v in alice.cookies.items())
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        sock.sendall(
+            (
+                f"PUT /chatkit/attachments/{attachment_id}/upload HTTP/1.1\r\n"
+                f"Host: 127.0.0.1\r\nCookie: {cookie}\r\nContent-Type: text/plain\r\n"
+                "Content-Length: 1000000\r\n\r\n"
+            ).encode()
+        )
+        started = time.monotonic()
+        answer = b""
+        sock.settimeout(1.0)
+        # 100 bytes a second: far below the minimum rate. Bounded: at most 40 s.
+        while time.monotonic() - started < UPLOAD_GRACE_SECONDS + 30:
+            try:
+                sock.sendall(b"x" * 100)
+            except OSError:
+                break
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not data:
+                break
+            answer += data
+        elapsed = time.monotonic() - started
+        # Read what is left until the server closes the connection.
+        sock.settimeout(5)
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except OSError:
+            pass
+        sock.close()
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b'"request_timeout"' in answer
+        assert UPLOAD_GRACE_SECONDS <= elapsed < UPLOAD_GRACE_SECONDS + 10, elapsed
+        # The claim was given back: a real upload now works.
+        good = alice.put(
+            f"{server.url}/chatkit/attachments/{attachment_id}/upload",
+            data=b"x" * 1_000_000,
+            headers={"Content-Type": "text/plain"},
+            timeout=30,
+        )
+        assert good.status_code == 200, good.text
