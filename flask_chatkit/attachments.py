@@ -41,7 +41,7 @@ import re
 import threading
 import unicodedata
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from chatkit.store import AttachmentStore, Store
@@ -226,6 +226,13 @@ class FileAttachmentStore(AttachmentStore[Any]):
         return int(current_app.extensions["chatkit"].settings.max_attachment_bytes)
 
     @property
+    def max_pending_bytes(self) -> int | None:
+        """``CHATKIT_MAX_PENDING_ATTACHMENT_BYTES`` of the current app (None outside one)."""
+        state = current_app.extensions.get("chatkit") if has_app_context() else None
+        settings = getattr(state, "settings", None)
+        return None if settings is None else int(settings.max_pending_attachment_bytes)
+
+    @property
     def allowed_mime_types(self) -> tuple[str, ...]:
         if self._allowed is not None:
             return self._allowed
@@ -234,23 +241,63 @@ class FileAttachmentStore(AttachmentStore[Any]):
     def _owner_store(self) -> Store[Any] | None:
         return self.store if self.store is not None else _app_store()
 
-    def discard_files(self, attachment_ids: list[str]) -> None:
-        """Remove stored files whose rows are gone (threads deleted or pruned)."""
-        storage = self._storage
+    def cleanup_for(self, app: Flask) -> Callable[[list[str]], list[str]]:
+        """The store's ``on_attachments_deleted`` for ``app``: removes the bytes from this
+        store's storage, or, built with none, from the app's (resolved from ``app``'s
+        settings, since the store calls it on its own threads, outside any app context)."""
+        settings = read_settings(app)
+
+        def discard(attachment_ids: list[str]) -> list[str]:
+            return self.discard_files(attachment_ids, self._storage or storage_for(settings))
+
+        return discard
+
+    def discard_files(
+        self, attachment_ids: list[str], storage: AttachmentStorage | None = None
+    ) -> list[str]:
+        """Remove the bytes of attachments whose rows are going (threads deleted or
+        pruned); returns the ids whose bytes are gone. Stops at the first sign that
+        the storage is unreachable: the rest stay recorded and are retried later."""
         if storage is None:
-            return  # storage resolves per app at request time; nothing to resolve here
+            storage = self._storage
+        if storage is None and has_app_context():
+            storage = storage_for(current_app.extensions["chatkit"].settings)
+        if storage is None:
+            return []
+        removed: list[str] = []
         for attachment_id in attachment_ids:
+            if not is_valid_attachment_id(attachment_id):
+                removed.append(attachment_id)  # never stored under such an id
+                continue
             try:
                 storage.delete(attachment_id)
-            except (OSError, ValueError, StorageUnavailable):
-                logger.warning("could not remove attachment file %s", attachment_id)
+            except StorageUnavailable as exc:
+                logger.warning(
+                    "attachment storage unavailable: %d attachment(s) left to delete later: %s",
+                    len(attachment_ids) - len(removed),
+                    exc,
+                )
+                break
+            except OSError as exc:
+                logger.warning("could not remove attachment file %s: %s", attachment_id, exc)
+                continue
+            removed.append(attachment_id)
+        return removed
 
-    def save_bytes(self, attachment_id: str, chunks: Iterable[bytes], mime_type: str) -> int:
-        """Stream ``chunks`` into storage (AttachmentTooLarge past the limit)."""
+    def save_bytes(
+        self,
+        attachment_id: str,
+        chunks: Iterable[bytes],
+        mime_type: str,
+        max_bytes: int | None = None,
+    ) -> int:
+        """Stream ``chunks`` into storage (AttachmentTooLarge past ``max_bytes``,
+        by default the attachment limit)."""
+        bound = self.max_bytes if max_bytes is None else max_bytes
         presigning = self.presigning
         if presigning is not None:
-            return presigning.save(attachment_id, chunks, self.max_bytes, content_type=mime_type)
-        return self.storage.save(attachment_id, chunks, self.max_bytes)
+            return presigning.save(attachment_id, chunks, bound, content_type=mime_type)
+        return self.storage.save(attachment_id, chunks, bound)
 
     def check_mime(self, mime_type: str) -> str:
         mime = normalize_mime(mime_type)
@@ -275,6 +322,17 @@ class FileAttachmentStore(AttachmentStore[Any]):
         attachment_id = self.generate_attachment_id(mime, context)
         descriptor = None
         presigning = self.presigning
+        if presigning is not None:
+            # The client puts the bytes in the bucket itself, past our routes: the
+            # pending quota is checked here, on the declared sizes.
+            used = await self.pending_bytes(context)
+            quota = self.max_pending_bytes
+            if used is not None and quota is not None and used + input.size > quota:
+                raise ChatKitHTTPException(
+                    413,
+                    f"Your attachments not sent yet would exceed {quota} bytes "
+                    "(CHATKIT_MAX_PENDING_ATTACHMENT_BYTES): send or delete some first.",
+                )
         if presigning is not None:  # the bytes go straight to the bucket
             await asyncio.to_thread(presigning.ready)  # 503 now, not a failed PUT later
             url, headers = presigning.presign_upload(attachment_id, mime, input.size)
@@ -291,33 +349,65 @@ class FileAttachmentStore(AttachmentStore[Any]):
             await asyncio.to_thread(self.storage.delete, attachment_id)
 
     # -- upload claims: first upload wins, the second gets a 409 ----------------
-    async def claim_upload(self, attachment: AnyAttachment, context: Any) -> None:
-        """Take the right to upload ``attachment``'s bytes, or raise 409."""
+    async def claim_upload(self, attachment: AnyAttachment, context: Any) -> str | None:
+        """Take the right to upload ``attachment``'s bytes, or raise 409.
+
+        Returns the claim's token (None for stores without claims)."""
         store = self._owner_store()
         claim = getattr(store, "claim_attachment_upload", None)
         if callable(claim):
-            if not await claim(attachment.id, context):
+            token = await claim(attachment.id, context)
+            if not token:
                 raise already_uploaded(attachment.id)
-            return
+            return str(token)
         if is_uploaded(attachment) or attachment.upload_descriptor is None:
             raise already_uploaded(attachment.id)  # stores without claims: best effort
+        return None
 
-    async def release_upload(self, attachment_id: str, context: Any) -> None:
+    async def refresh_upload(
+        self, attachment_id: str, context: Any, token: str | None
+    ) -> str | None:
+        """Keep a claim alive while its bytes arrive; the new token, None once lost."""
+        refresh = getattr(self._owner_store(), "refresh_attachment_claim", None)
+        if token is None or not callable(refresh):
+            return token
+        fresh = await refresh(attachment_id, context, token)
+        return str(fresh) if fresh else None
+
+    async def release_upload(
+        self, attachment_id: str, context: Any, token: str | None = None
+    ) -> bool:
+        """Give the claim back (the client may retry); False when it was not held."""
         release = getattr(self._owner_store(), "release_attachment_upload", None)
         if callable(release):
-            await release(attachment_id, context)
+            return bool(await release(attachment_id, context, token))
+        return True
 
     async def complete_upload(
-        self, attachment: AnyAttachment, context: Any, *, claimed: bool = True
+        self,
+        attachment: AnyAttachment,
+        context: Any,
+        *,
+        claimed: bool = True,
+        token: str | None = None,
     ) -> bool:
         """Record the bytes as uploaded; False when another upload got there first."""
         store = self._owner_store()
         complete = getattr(store, "complete_attachment_upload", None)
         if callable(complete):
-            return bool(await complete(attachment, context, claimed=claimed))
+            return bool(await complete(attachment, context, claimed=claimed, token=token))
         if store is not None:
             await store.save_attachment(attachment, context)
         return True
+
+    async def pending_bytes(self, context: Any, excluding: str | None = None) -> int | None:
+        """The owner's uploaded-but-unsent bytes (None: the store cannot tell); on
+        object storage also the declared sizes of uploads not confirmed yet."""
+        count = getattr(self._owner_store(), "pending_attachment_bytes", None)
+        if not callable(count):
+            return None
+        unconfirmed = self.presigning is not None
+        return int(await count(context, excluding, unconfirmed=unconfirmed))
 
     async def confirm_uploaded(self, attachment: AnyAttachment, context: Any) -> None:
         """Before a message may carry ``attachment``: 409 unless its bytes are stored.

@@ -7,7 +7,7 @@ They work on the app's :class:`~flask_chatkit.storage.sql.SQLAlchemyStore`
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 import click
 from flask import current_app
@@ -77,7 +77,8 @@ def prune(days: float, dry_run: bool) -> None:
     Attachment bytes go too, on disk or in the bucket.
     """
     store = _store()
-    cutoff = datetime.now() - timedelta(days=days)
+    # UTC, like every stored time: a local-time cutoff was hours off outside UTC.
+    cutoff = datetime.now(timezone.utc) - timedelta(days=days)
     removed = store.prune(cutoff, dry_run=dry_run)
     orphans = store.prune_orphan_attachments(cutoff, dry_run=dry_run)
     verb = "Would remove" if dry_run else "Removed"
@@ -86,7 +87,7 @@ def prune(days: float, dry_run: bool) -> None:
     for _owner, attachment_id in orphans:
         click.echo(attachment_id)
     click.echo(
-        f"{verb} {len(removed)} thread(s) with no activity since {cutoff:%Y-%m-%d %H:%M}, "
+        f"{verb} {len(removed)} thread(s) with no activity since {cutoff:%Y-%m-%d %H:%M} UTC, "
         f"and {len(orphans)} unsent attachment(s) created before then."
     )
 

@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_PUBLIC_URL": None,  # trusted base for absolute URLs; else SERVER_NAME, else host
     "CHATKIT_HEALTH": True,  # GET <prefix>/health for load balancers
     "CHATKIT_OTEL_RECORD_OWNER": False,  # the owner key as a span attribute (personal data)
+    # One user's uploaded-but-unsent attachment bytes beyond it: 413.
+    "CHATKIT_MAX_PENDING_ATTACHMENT_BYTES": 256 * 1024 * 1024,
 }
 
 
@@ -58,6 +60,7 @@ class Settings:
     console: bool
     attachments_url: str | None
     max_metadata_bytes: int
+    max_pending_attachment_bytes: int
     public_url: str | None
     health: bool
     otel_record_owner: bool = False
@@ -116,6 +119,9 @@ def read_settings(app: Flask) -> Settings:
         console=bool(c["CHATKIT_CONSOLE"]) or app.debug,
         attachments_url=str(c["CHATKIT_ATTACHMENTS_URL"]) if c["CHATKIT_ATTACHMENTS_URL"] else None,
         max_metadata_bytes=_positive("CHATKIT_MAX_METADATA_BYTES", c["CHATKIT_MAX_METADATA_BYTES"]),
+        max_pending_attachment_bytes=_positive(
+            "CHATKIT_MAX_PENDING_ATTACHMENT_BYTES", c["CHATKIT_MAX_PENDING_ATTACHMENT_BYTES"]
+        ),
         public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
         health=bool(c["CHATKIT_HEALTH"]),
         otel_record_owner=bool(c["CHATKIT_OTEL_RECORD_OWNER"]),

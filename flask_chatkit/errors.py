@@ -19,6 +19,7 @@ STATUS_CODES: dict[int, str] = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -26,6 +27,7 @@ STATUS_CODES: dict[int, str] = {
     500: "internal_error",
     501: "not_implemented",
     503: "service_unavailable",
+    507: "insufficient_storage",
 }
 
 
@@ -119,10 +121,12 @@ def classify_exception(exc: BaseException) -> ChatKitHTTPException | None:
     from chatkit.store import NotFoundError
     from sqlalchemy import exc as sa_exc
 
-    from .storage.disk import StorageUnavailable
+    from .storage.disk import StorageFull, StorageUnavailable
 
     if isinstance(exc, ChatKitHTTPException):
         return exc
+    if isinstance(exc, StorageFull):
+        return ChatKitHTTPException(507, "Attachment storage is full; try again later.")
     if isinstance(exc, StorageUnavailable):  # logged with the fix by the storage
         return ChatKitHTTPException(
             503, "Attachment storage is unavailable; try again shortly.", "storage_unavailable"

@@ -144,11 +144,13 @@ class ChatKit:
         assert self.server_cls is not None
         store = self.store or self._default_store(app, database_url)
         attachment_store = self.attachment_store or self._default_attachment_store(app, store)
-        self._link_attachment_cleanup(store, attachment_store)
+        self._link_attachment_cleanup(app, store, attachment_store)
         return self.server_cls(store, attachment_store), store, attachment_store
 
     @staticmethod
-    def _link_attachment_cleanup(store: Store[Any], attachment_store: AttachmentStore[Any]) -> None:
+    def _link_attachment_cleanup(
+        app: Flask, store: Store[Any], attachment_store: AttachmentStore[Any]
+    ) -> None:
         """Deleting or pruning a thread in SQL also removes its attachment files."""
         from .attachments import FileAttachmentStore
         from .storage.sql import SQLAlchemyStore
@@ -158,7 +160,7 @@ class ChatKit:
             and isinstance(attachment_store, FileAttachmentStore)
             and store.on_attachments_deleted is None
         ):
-            store.on_attachments_deleted = attachment_store.discard_files
+            store.on_attachments_deleted = attachment_store.cleanup_for(app)
 
     @staticmethod
     def _default_store(app: Flask, database_url: str) -> Store[Any]:

@@ -17,6 +17,7 @@ Imports nothing of Flask.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import re
@@ -120,6 +121,20 @@ class StorageUnavailable(Exception):
     """The blob storage cannot be reached or refuses us (retryable: a 503)."""
 
 
+class StorageFull(Exception):
+    """The blob storage has no room for these bytes (a 507); nothing was kept."""
+
+
+# Write errors that mean "no room": a full disk, a quota, a file-size limit
+# (RLIMIT_FSIZE gives EFBIG once SIGXFSZ is ignored, as gunicorn workers may).
+FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+# After a write found the disk full, the health check reports it full for this
+# long unless a write succeeds first (each worker process knows its own writes).
+FULL_REPORT_SECONDS = 60.0
+# Less free space than this (for unprivileged users) is full for the health check.
+MIN_FREE_BYTES = 1024 * 1024
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -164,6 +179,7 @@ class DiskStorage:
 
     def __init__(self, directory: str | os.PathLike[str], *, sweep: bool = True) -> None:
         self.directory = os.path.abspath(os.fspath(directory))
+        self._full_at: float | None = None  # monotonic time of the last "no room" write
         if sweep:
             sweep_partial_uploads(self.directory)
 
@@ -174,6 +190,18 @@ class DiskStorage:
 
     def save(self, attachment_id: str, chunks: Iterable[bytes], max_bytes: int) -> int:
         final = self.path(attachment_id)
+        try:
+            total = self._save(final, chunks, max_bytes)
+        except OSError as exc:
+            if exc.errno in FULL_ERRNOS:
+                self._full_at = time.monotonic()
+                logger.warning("attachment storage %s is full: %s", self.directory, exc)
+                raise StorageFull(f"No room for the attachment in {self.directory}.") from None
+            raise
+        self._full_at = None
+        return total
+
+    def _save(self, final: str, chunks: Iterable[bytes], max_bytes: int) -> int:
         os.makedirs(self.directory, exist_ok=True)
         # The temp name contains dots, so it can never be mistaken for an id.
         fd, tmp = tempfile.mkstemp(
@@ -215,6 +243,12 @@ class DiskStorage:
         os.makedirs(self.directory, exist_ok=True)
         if not os.access(self.directory, os.W_OK | os.X_OK):
             raise PermissionError(f"attachment directory {self.directory} is not writable")
+        full_at = self._full_at
+        if full_at is not None and time.monotonic() - full_at < FULL_REPORT_SECONDS:
+            raise StorageFull(f"attachment directory {self.directory} is full (a write failed)")
+        stats = os.statvfs(self.directory)
+        if stats.f_bavail * stats.f_frsize < MIN_FREE_BYTES:
+            raise StorageFull(f"attachment directory {self.directory} is full")
 
 
 def _write_all(out: IO[bytes], batch: list[bytes]) -> None:

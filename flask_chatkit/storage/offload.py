@@ -79,5 +79,24 @@ class OffloadPool:
             from gevent.threadpool import ThreadPool
 
             self._pool, self._pid = ThreadPool(self.size), os.getpid()
-        result: T = self._pool.apply(fn, args)
+        # gevent's pool prints a traceback for every exception a task raises, even an
+        # expected one (an S3 404, a full disk): hand the exception back as a value.
+        outcome = self._pool.apply(_capture, (fn, args))
+        if isinstance(outcome, _Raised):
+            raise outcome.exc
+        result: T = outcome
         return result
+
+
+class _Raised:
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def _capture(fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+    try:
+        return fn(*args)
+    except Exception as exc:
+        return _Raised(exc)

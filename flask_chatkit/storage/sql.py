@@ -21,6 +21,8 @@ never stalls the loop; driven with no loop running, right where it is called.
   one wins. ``created_at``: when the row was first saved, so ``prune`` can reclaim
   attachments never linked to a thread. A row's ``thread_id`` is never cleared once
   set: a late save of the unlinked copy must not undo the SDK's link.
+  A claim expires (see :data:`CLAIM_STALE_SECONDS`), and ``deleted`` marks a
+  tombstone: a row whose thread is gone but whose bytes may still be stored.
 * **Pages** are keyset pages on ``(created_at, seq)`` (ties never skip or repeat a
   row), bounded by ``limit`` and, for items, by payload bytes.
 * **Maintenance** (sync, for start-up, the health route and the CLI): create and
@@ -32,8 +34,10 @@ from __future__ import annotations
 import _queue
 import asyncio
 import contextlib
+import logging
 import os
 import secrets
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -81,6 +85,7 @@ __all__ = ["DuplicateIdError", "SQLAlchemyStore", "default_owner"]
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
+logger = logging.getLogger("flask_chatkit")
 _CHUNK = 500
 DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
 
@@ -144,6 +149,24 @@ def thread_payload(thread: ThreadMetadata) -> dict[str, Any]:
 
 # -- attachment upload states ----------------------------------------------------
 PENDING, UPLOADING, DONE = "pending", "uploading", "done"
+# A tombstone: the thread (or the unsent upload) is gone, the bytes may not be. The
+# row stays, invisible to every read, until the blob storage confirms the delete:
+# a thread deleted while S3 is down keeps a row leading to each of its objects, and
+# ``prune`` (or the next delete that reaches the storage) removes them later. Chosen
+# over answering 503: deleting a thread is what a user asks for when leaving, and it
+# should not depend on a second service; no new table means no schema migration.
+DELETED = "deleted"
+# A claim is ``c:<unix seconds>`` (12 characters: fits the VARCHAR(16) column, so no
+# schema change): the time it was taken or last refreshed. The upload route refreshes
+# it every CLAIM_REFRESH_SECONDS while bytes arrive; a claim not refreshed for
+# CLAIM_STALE_SECONDS belongs to a dead worker or to an upload whose final write and
+# release both failed, and the next upload may take it. The plain "uploading" of
+# older versions has no time: it counts as stale.
+CLAIM_PREFIX = "c:"
+CLAIM_STALE_SECONDS = 60
+CLAIM_REFRESH_SECONDS = 20
+# Tombstones retried after a delete that reached the storage (bounded per call).
+TOMBSTONES_PER_RETRY = 100
 _ADDED_COLUMNS = {"created_at": "TIMESTAMP", "upload_state": "VARCHAR(16)"}
 
 
@@ -157,6 +180,20 @@ def upload_state_of(attachment: Attachment) -> str | None:
 
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def claim_token(at: float) -> str:
+    """The upload_state of a claim taken (or refreshed) at ``at`` (unix seconds)."""
+    return f"{CLAIM_PREFIX}{int(at):010d}"
+
+
+def _visible(a: Table) -> Any:
+    """Rows that are not tombstones (see :data:`DELETED`)."""
+    return a.c.upload_state.is_(None) | (a.c.upload_state != DELETED)
+
+
+def _claimed(a: Table) -> Any:
+    return (a.c.upload_state == UPLOADING) | a.c.upload_state.like(f"{CLAIM_PREFIX}%")
 
 
 # -- SQL shared by the queries ---------------------------------------------------
@@ -373,7 +410,10 @@ class _GroupWriter:
             outcomes = [(False, exc)] * len(group)
             self.after_commit = []
         for action in self.after_commit:
-            action()
+            try:
+                action()
+            except Exception:  # e.g. the blob storage is down: its tombstones wait for prune
+                logger.exception("work after a group commit failed")
         for (loop, future, _, _), outcome in zip(group, outcomes, strict=True):
             settle_from_thread(loop, future, outcome)
 
@@ -409,7 +449,9 @@ class SQLAlchemyStore(Store[Any]):
         self.max_page_bytes = max_page_bytes
         # Called (sync, after commit) with the ids of attachment rows removed along
         # with their threads, so their files can go too; the extension wires it.
-        self.on_attachments_deleted: Callable[[list[str]], None] | None = None
+        # It answers the ids whose bytes are gone (None: all of them); the others stay
+        # tombstones until a later try (``retry_attachment_deletes``, ``prune``).
+        self.on_attachments_deleted: Callable[[list[str]], Sequence[str] | None] | None = None
         self.table_prefix = table_prefix
         tables = build_tables(table_prefix)
         self.metadata = tables.metadata
@@ -610,44 +652,107 @@ class SQLAlchemyStore(Store[Any]):
                 delete(i).where(i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id)
             )
 
-    def _delete_threads(self, conn: Connection, owner: str, ids: Sequence[str]) -> list[str]:
-        """Delete threads with their items and attachment rows; returns the attachment ids."""
+    def _delete_threads(
+        self, conn: Connection, owner: str, ids: Sequence[str]
+    ) -> list[tuple[str, str]]:
+        """Delete threads with their items; their attachment rows become tombstones
+        (removed once their bytes are, see :data:`DELETED`). Returns (owner, id) pairs."""
         a = self.attachments
-        attachment_ids: list[str] = []
+        attachments: list[tuple[str, str]] = []
         for start in range(0, len(ids), _CHUNK):
             chunk = ids[start : start + _CHUNK]
-            attachment_ids += conn.execute(
-                select(a.c.id).where(a.c.owner == owner, a.c.thread_id.in_(chunk))
-            ).scalars()
+            attachments += [
+                (owner, attachment_id)
+                for attachment_id in conn.execute(
+                    select(a.c.id).where(a.c.owner == owner, a.c.thread_id.in_(chunk))
+                ).scalars()
+            ]
+            conn.execute(
+                update(a)
+                .where(a.c.owner == owner, a.c.thread_id.in_(chunk))
+                .values(upload_state=DELETED)
+            )
             for table, col in (
                 (self.items, self.items.c.thread_id),
-                (self.attachments, self.attachments.c.thread_id),
                 (self.threads, self.threads.c.id),
             ):
                 conn.execute(delete(table).where(table.c.owner == owner, col.in_(chunk)))
-        return attachment_ids
+        return attachments
 
-    def _attachments_removed(self, attachment_ids: list[str]) -> None:
-        # After commit: the files go only once no row points at them any more.
+    def _attachments_removed(self, tombstones: list[tuple[str, str]]) -> bool:
+        """After commit: remove the bytes of these tombstones, then the tombstones
+        whose bytes are gone. True when every one went (the storage answered)."""
+        if not tombstones:
+            return True
         callback = self.on_attachments_deleted
-        if not attachment_ids or callback is None:
-            return
-        writer = self._writer
-        if writer is not None and writer.group_conn() is not None:
-            writer.after_commit.append(lambda: callback(attachment_ids))  # the group's commit
-            return
-        callback(attachment_ids)
+        ids = [attachment_id for _, attachment_id in tombstones]
+        if callback is None:  # nothing keeps bytes for this store
+            gone = set(ids)
+        else:
+            try:
+                answer = callback(ids)
+            except Exception:  # the tombstones stay; prune retries them
+                logger.warning("attachment bytes not removed yet (%d kept)", len(ids))
+                answer = []
+            # A callback answering None (older code) removed them all.
+            gone = set(ids) if answer is None else set(answer)
+        done = [(owner, i) for owner, i in tombstones if i in gone]
+        a = self.attachments
+        for start in range(0, len(done), _CHUNK):
+            chunk = done[start : start + _CHUNK]
+            with self._tx(write=True) as conn:
+                conn.execute(
+                    delete(a).where(
+                        tuple_(a.c.owner, a.c.id).in_(chunk), a.c.upload_state == DELETED
+                    )
+                )
+        return len(done) == len(tombstones)
+
+    def retry_attachment_deletes(self, limit: int | None = None) -> int:
+        """Remove the bytes and rows of tombstones left by earlier deletes (the blob
+        storage was unreachable then); returns how many are still left."""
+        a = self.attachments
+        query = select(a.c.owner, a.c.id).where(a.c.upload_state == DELETED).order_by(a.c.seq)
+        with self._tx() as conn:
+            rows = [(str(o), str(i)) for o, i in conn.execute(query.limit(limit))]
+        for start in range(0, len(rows), _CHUNK):
+            if not self._attachments_removed(rows[start : start + _CHUNK]):
+                break  # still unreachable: the rest waits for the next try
+        with self._tx() as conn:
+            left = conn.execute(
+                select(func.count()).select_from(a).where(a.c.upload_state == DELETED)
+            ).scalar()
+        return int(left or 0)
 
     @_writes
     def _delete_thread(self, owner: str, thread_id: str) -> None:
         with self._tx(write=True) as conn:
             removed = self._delete_threads(conn, owner, [thread_id])
-        self._attachments_removed(removed)
+        if removed:
+            self._after_commit(lambda: self._remove_bytes(removed))
+
+    def _remove_bytes(self, tombstones: list[tuple[str, str]]) -> None:
+        if self._attachments_removed(tombstones):
+            # The storage answers: also retry what earlier deletes could not remove.
+            self.retry_attachment_deletes(TOMBSTONES_PER_RETRY)
+
+    def _after_commit(self, action: Callable[[], None]) -> None:
+        """Run ``action`` once the write in progress is committed: at once, or inside a
+        group commit, after the group's COMMIT (before its callers are answered)."""
+        writer = self._writer
+        if writer is not None and writer.group_conn() is not None:
+            writer.after_commit.append(action)
+            return
+        action()
 
     def _load_attachment(self, owner: str, attachment_id: str) -> Attachment:
         a = self.attachments
         payload = self._payload(
-            a, f"Attachment {attachment_id} not found", a.c.owner == owner, a.c.id == attachment_id
+            a,
+            f"Attachment {attachment_id} not found",
+            a.c.owner == owner,
+            a.c.id == attachment_id,
+            _visible(a),
         )
         return attachment_adapter().validate_python(payload)
 
@@ -797,6 +902,8 @@ class SQLAlchemyStore(Store[Any]):
                             a.c.owner == owner, a.c.id == attachment.id
                         )
                     ).first()
+            if row is not None and row.upload_state == DELETED:
+                return  # a tombstone waiting for its bytes to go: never revived
             thread_id = attachment.thread_id
             if thread_id is None and row is not None and row.thread_id is not None:
                 thread_id = row.thread_id  # never unlink
@@ -815,33 +922,71 @@ class SQLAlchemyStore(Store[Any]):
 
     @_writes
     def _set_upload_state(
-        self, owner: str, attachment_id: str, before: str, after: str, payload: Any = None
+        self, owner: str, attachment_id: str, before: Any, after: str, payload: Any = None
     ) -> bool:
+        """One conditional UPDATE; ``before`` is a state or a SQL condition on the row."""
         a = self.attachments
         values: dict[str, Any] = {"upload_state": after}
         if payload is not None:
             values["payload"] = payload
+        condition = a.c.upload_state == before if isinstance(before, str) else before
         with self._tx(write=True) as conn:
             result = conn.execute(
                 update(a)
-                .where(a.c.owner == owner, a.c.id == attachment_id, a.c.upload_state == before)
+                .where(a.c.owner == owner, a.c.id == attachment_id, condition)
                 .values(**values)
             )
         return bool(result.rowcount == 1)
 
-    # -- async API used by flask_chatkit.attachments ---------------------------
-    async def claim_attachment_upload(self, attachment_id: str, context: Any) -> bool:
-        """Take the right to upload this attachment's bytes; False if taken or done."""
-        owner = self.owner_key(context)
-        return await self._run(self._set_upload_state, owner, attachment_id, PENDING, UPLOADING)
+    def _claim(self, owner: str, attachment_id: str) -> str | None:
+        a = self.attachments
+        now = time.time()
+        stale = claim_token(now - CLAIM_STALE_SECONDS)
+        free = (
+            (a.c.upload_state == PENDING)
+            | (a.c.upload_state == UPLOADING)
+            | (a.c.upload_state.like(f"{CLAIM_PREFIX}%") & (a.c.upload_state < stale))
+        )
+        token = claim_token(now)
+        return token if self._set_upload_state(owner, attachment_id, free, token) else None
 
-    async def release_attachment_upload(self, attachment_id: str, context: Any) -> None:
+    def _held(self, token: str | None) -> Any:
+        """The row's claim: exactly ``token``, or any claim when no token is given."""
+        a = self.attachments
+        return _claimed(a) if token is None else a.c.upload_state == token
+
+    # -- async API used by flask_chatkit.attachments ---------------------------
+    async def claim_attachment_upload(self, attachment_id: str, context: Any) -> str | None:
+        """Take the right to upload this attachment's bytes: the claim's token, or
+        None when another live upload holds it or the bytes are there already.
+
+        A claim not refreshed for :data:`CLAIM_STALE_SECONDS` is taken over."""
+        return await self._run(self._claim, self.owner_key(context), attachment_id)
+
+    async def refresh_attachment_claim(
+        self, attachment_id: str, context: Any, token: str
+    ) -> str | None:
+        """Keep a claim alive while bytes arrive: the new token, None if it was lost."""
+        owner = self.owner_key(context)
+        fresh = claim_token(time.time())
+        held = await self._run(self._set_upload_state, owner, attachment_id, token, fresh)
+        return fresh if held else None
+
+    async def release_attachment_upload(
+        self, attachment_id: str, context: Any, token: str | None = None
+    ) -> bool:
         """Give a failed upload's claim back, so the client may try again."""
         owner = self.owner_key(context)
-        await self._run(self._set_upload_state, owner, attachment_id, UPLOADING, PENDING)
+        held = self._held(token)
+        return await self._run(self._set_upload_state, owner, attachment_id, held, PENDING)
 
     async def complete_attachment_upload(
-        self, attachment: Attachment, context: Any, *, claimed: bool = True
+        self,
+        attachment: Attachment,
+        context: Any,
+        *,
+        claimed: bool = True,
+        token: str | None = None,
     ) -> bool:
         """Store the uploaded row, only if this caller still holds the claim.
 
@@ -849,39 +994,72 @@ class SQLAlchemyStore(Store[Any]):
         bucket with a presigned URL, checked by the caller).
         """
         owner = self.owner_key(context)
-        before = UPLOADING if claimed else PENDING
+        before = self._held(token) if claimed else PENDING
         payload = attachment.model_dump(mode="json")
         return await self._run(self._set_upload_state, owner, attachment.id, before, DONE, payload)
 
-    # -- orphans ----------------------------------------------------------------
-    def _orphan_attachments(self, conn: Connection, cutoff: datetime) -> Iterator[tuple[str, str]]:
+    async def pending_attachment_bytes(
+        self, context: Any, excluding: str | None = None, *, unconfirmed: bool = False
+    ) -> int:
+        """Bytes of the owner's uploaded (or uploading) attachments not sent in a message
+        yet: what ``CHATKIT_MAX_PENDING_ATTACHMENT_BYTES`` bounds. ``unconfirmed`` also
+        counts the declared size of ``pending`` rows (their bytes may already be in a
+        bucket a client uploads to directly)."""
+        owner = self.owner_key(context)
+        return await self._run(self._pending_bytes, owner, excluding, unconfirmed)
+
+    def _pending_bytes(self, owner: str, excluding: str | None, unconfirmed: bool) -> int:
         a = self.attachments
+        states = (a.c.upload_state == DONE) | _claimed(a)
+        if unconfirmed:
+            states = states | (a.c.upload_state == PENDING)
+        query = select(a.c.payload).where(a.c.owner == owner, a.c.thread_id.is_(None), states)
+        if excluding is not None:
+            query = query.where(a.c.id != excluding)
+        total = 0
+        with self._tx() as conn:
+            for payload in conn.execute(query).scalars():
+                size = ((payload or {}).get("metadata") or {}).get("size")
+                total += size if isinstance(size, int) and size > 0 else 0
+        return total
+
+    # -- orphans ----------------------------------------------------------------
+    def _orphan_attachments(self, conn: Connection, cutoff: datetime) -> list[tuple[str, str]]:
+        """Rows never linked to a thread, or linked to a thread of their owner that does
+        not exist (its insert failed, or it went without its rows): created before
+        ``cutoff``. Tombstones are not listed (``retry_attachment_deletes`` has them)."""
+        a, t = self.attachments, self.threads
         # NULL created_at: rows from before the column existed, of unknown age.
         old = a.c.created_at.is_(None) | (a.c.created_at < db_time(cutoff))
-        query = select(a.c.owner, a.c.id).where(a.c.thread_id.is_(None), old).order_by(a.c.seq)
-        for owner, attachment_id in conn.execute(query):
-            yield str(owner), str(attachment_id)
+        thread_exists = exists().where(t.c.owner == a.c.owner, t.c.id == a.c.thread_id)
+        unlinked = a.c.thread_id.is_(None) | ~thread_exists
+        query = select(a.c.owner, a.c.id).where(unlinked, old, _visible(a)).order_by(a.c.seq)
+        return [(str(owner), str(attachment_id)) for owner, attachment_id in conn.execute(query)]
 
     def prune_orphan_attachments(
         self, older_than: datetime, *, dry_run: bool = False
     ) -> list[tuple[str, str]]:
-        """Remove attachment rows never linked to a thread and created before ``older_than``.
+        """Remove attachment rows not linked to an existing thread and created before
+        ``older_than``, and retry the byte deletes earlier deletes could not finish.
 
-        Returns ``(owner, attachment_id)`` pairs; their bytes are removed through
-        ``on_attachments_deleted`` after the commit. ``dry_run`` only lists them.
+        Returns ``(owner, attachment_id)`` pairs; the rows become tombstones, removed
+        with their bytes (``on_attachments_deleted``) after the commit; rows whose
+        bytes cannot be removed now stay tombstones. ``dry_run`` only lists them.
         """
         a = self.attachments
         with self._tx(write=not dry_run) as conn:
-            orphans = list(self._orphan_attachments(conn, older_than))
+            orphans = self._orphan_attachments(conn, older_than)
             if dry_run:
                 return orphans
-            for owner, attachment_id in orphans:
+            for start in range(0, len(orphans), _CHUNK):
+                chunk = orphans[start : start + _CHUNK]
                 conn.execute(
-                    delete(a).where(
-                        a.c.owner == owner, a.c.id == attachment_id, a.c.thread_id.is_(None)
-                    )
+                    update(a)
+                    .where(tuple_(a.c.owner, a.c.id).in_(chunk))
+                    .values(upload_state=DELETED)
                 )
-        self._attachments_removed([attachment_id for _, attachment_id in orphans])
+        self._attachments_removed(orphans)
+        self.retry_attachment_deletes()
         return orphans
 
     # -- schema: tables and version (sync; start-up, health, CLI) ------------------
@@ -975,7 +1153,7 @@ class SQLAlchemyStore(Store[Any]):
         )
         query = select(t.c.owner, t.c.id).where(t.c.created_at < cutoff, ~recent_item)
         removed: list[str] = []
-        attachment_ids: list[str] = []
+        tombstones: list[tuple[str, str]] = []
         with self._tx(write=True) as conn:
             by_owner: dict[str, list[str]] = {}
             for owner, thread_id in conn.execute(query.order_by(t.c.created_at, t.c.seq)):
@@ -984,6 +1162,6 @@ class SQLAlchemyStore(Store[Any]):
             if dry_run:
                 return removed
             for owner, ids in by_owner.items():
-                attachment_ids += self._delete_threads(conn, owner, ids)
-        self._attachments_removed(attachment_ids)
+                tombstones += self._delete_threads(conn, owner, ids)
+        self._attachments_removed(tombstones)
         return removed

@@ -124,8 +124,9 @@ def _handle_exception(exc: Exception) -> Response:
     known = classify_exception(exc)
     if known is not None:
         if known.code == 503:
+            what = "attachment storage" if known.error_code == "storage_unavailable" else "database"
             logger.warning(
-                "database unavailable (request %s): %s", g.get("chatkit_request_id"), exc
+                "%s unavailable (request %s): %s", what, g.get("chatkit_request_id"), exc
             )
         return http_exception_response(known)
     request_id = g.get("chatkit_request_id", "-")

@@ -9,7 +9,8 @@ Checks, each bounded in time:
                   stored), when the app serves attachments with a blob storage.
 
 200 ``{"status": "ok", "checks": {...}}`` when all pass; 503 with the same
-``checks`` (each ``"ok"``, ``"timeout"``, ``"unavailable"`` or ``"skipped"``) and
+``checks`` (each ``"ok"``, ``"timeout"``, ``"unavailable"``, ``"full"`` — the
+attachment storage has no room — or ``"skipped"``) and
 the JSON error shape naming the failing checks otherwise. The reasons go to the
 log, not to the (unauthenticated) caller. Off with ``CHATKIT_HEALTH = False``.
 """
@@ -27,6 +28,7 @@ from flask import Response, request
 
 from ..errors import method_not_allowed
 from ..state import ChatKitState, get_state
+from ..storage.disk import StorageFull
 
 logger = logging.getLogger("flask_chatkit")
 
@@ -119,6 +121,9 @@ async def _probe(name: str, probe: Callable[[], Awaitable[None]]) -> str:
     except asyncio.TimeoutError:
         logger.warning("health: %s did not answer within %ss", name, CHECK_TIMEOUT)
         return "timeout"
+    except StorageFull as exc:
+        logger.warning("health: %s full: %s", name, exc)
+        return "full"
     except Exception as exc:
         logger.warning("health: %s unavailable: %s", name, exc)
         return "unavailable"
