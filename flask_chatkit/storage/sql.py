@@ -312,7 +312,8 @@ class SQLAlchemyStore(Store[Any]):
         else:
             self.engine = build_engine(bind, pool_size=pool_size)
         self._owner = owner
-        # A page of items also ends once its payloads reach this many bytes (None: no bound).
+        # A page of items or threads also ends once its payloads reach this many
+        # bytes (None: no bound).
         self.max_page_bytes = max_page_bytes
         # Called (sync, after commit) with the ids of attachment rows removed along
         # with their threads, so their files can go too; the extension wires it.
@@ -429,7 +430,9 @@ class SQLAlchemyStore(Store[Any]):
     ) -> Page[ThreadMetadata]:
         t = self.threads
         with self._tx() as conn:
-            rows, more = keyset_page(conn, t, t.c.owner == owner, after, limit, order, "Thread")
+            rows, more = keyset_page(
+                conn, t, t.c.owner == owner, after, limit, order, "Thread", self.max_page_bytes
+            )
         data = [ThreadMetadata.model_validate(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
 
