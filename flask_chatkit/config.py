@@ -37,6 +37,8 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_PUBLIC_URL": None,  # trusted base for absolute URLs; else SERVER_NAME, else host
     "CHATKIT_HEALTH": True,  # GET <prefix>/health for load balancers
     "CHATKIT_OTEL_RECORD_OWNER": False,  # the owner key as a span attribute (personal data)
+    "CHATKIT_BODY_TIMEOUT": 30.0,  # seconds to receive a JSON request body; then 408
+    "CHATKIT_MAX_STREAMS_PER_USER": 20,  # open streams per user (owner key) and worker; then 429
 }
 
 
@@ -61,6 +63,8 @@ class Settings:
     public_url: str | None
     health: bool
     otel_record_owner: bool = False
+    body_timeout: float = 30.0
+    max_streams_per_user: int = 20
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -119,4 +123,8 @@ def read_settings(app: Flask) -> Settings:
         public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
         health=bool(c["CHATKIT_HEALTH"]),
         otel_record_owner=bool(c["CHATKIT_OTEL_RECORD_OWNER"]),
+        body_timeout=_positive("CHATKIT_BODY_TIMEOUT", c["CHATKIT_BODY_TIMEOUT"], float),
+        max_streams_per_user=_positive(
+            "CHATKIT_MAX_STREAMS_PER_USER", c["CHATKIT_MAX_STREAMS_PER_USER"]
+        ),
     )
