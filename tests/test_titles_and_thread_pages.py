@@ -16,7 +16,6 @@ from flask.testing import FlaskClient
 
 from flask_chatkit.storage.sql import SQLAlchemyStore
 
-
 from .apps import create_test_app
 from .http_client import create_request
 from .test_store import ALICE, T0, run, thread
