@@ -148,7 +148,11 @@ def test_nginx_in_front_streams_unbuffered_absorbs_slow_bodies_and_forwards_head
     nginx_or_skip()
     env = {"CHATKIT_BODY_TIMEOUT": f"{BODY_TIMEOUT:g}", "CHATKIT_TEST_PROXY_FIX": "1"}
     with (
-        start_gunicorn(tmp_path, env=env) as server,
+        # gunicorn itself trusts X-Forwarded-Proto from loopback peers; trusting a
+        # TEST-NET address only leaves the forwarded headers to the app's ProxyFix.
+        start_gunicorn(
+            tmp_path, env=env, extra_args=["--forwarded-allow-ips", "192.0.2.1"]
+        ) as server,
         start_nginx(tmp_path, server.port) as proxied,
     ):
         direct_session = logged_in_session(server.url, "alice")
