@@ -52,7 +52,7 @@ OnDisconnect = Literal["cancel", "finish"]
 StreamEnd = Literal["finished", "cancelled", "failed"]
 
 
-@dataclass
+@dataclass(slots=True)  # one per open stream: no per-instance dict
 class StreamStats:
     """What one stream did; counted cheaply as it runs, read once at its end."""
 
@@ -103,6 +103,13 @@ class Stream:
     disconnect), or on a native executor thread when a detached stream
     (``"finish"``) completes later.
     """
+
+    __slots__ = (
+        "_cancel_timeout", "_cancelling", "_channel", "_consumed", "_context", "_detached",
+        "_drained", "_end_claimed", "_final", "_finished", "_heartbeat", "_loop_thread",
+        "_max_buffered", "_on_disconnect", "_on_end", "_parked", "_prepare", "_produced",
+        "_queued", "_source", "_task", "stats",
+    )  # fmt: skip
 
     def __init__(
         self,

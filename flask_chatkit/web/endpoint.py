@@ -10,10 +10,10 @@ request that was going to fail.
 Where ChatKit runs:
 
 * **Store reads** (``threads.get_by_id``, ``threads.list``, ``items.list``) with the
-  SDK's own ``process()`` and the built-in ``SQLAlchemyStore`` run right here, on the
-  request's greenlet or thread: the store answers synchronously when no loop is
-  running (SQLite inline; PostgreSQL through psycopg, which cooperates with gevent).
-  No thread hand-off at all. Anything that could need the loop falls back to it.
+  SDK's own ``process()`` and the built-in ``SQLAlchemyStore`` on SQLite run right
+  here, on the request's greenlet or thread: the store answers synchronously when no
+  loop is running. No thread hand-off at all. Anything that could need the loop
+  (another store, an overridden ``process()``, PostgreSQL) goes to the loop.
 * **Everything else** goes to the worker's loop thread: a plain request is one round
   trip (``LoopThread.run``); a stream is one task that checks, runs ChatKit and pumps
   the result, and this greenlet waits once, for the first chunk.
@@ -362,12 +362,15 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
     """Whether a store read may run on the request's own greenlet or thread.
 
     Only with the SDK's ``process()`` over ``SQLAlchemyStore``'s own read methods
-    (possibly behind the telemetry wrapper): those never need a running loop.
+    (possibly behind the telemetry wrapper): those never need a running loop. Only on
+    SQLite: on PostgreSQL, reads through the loop and the store's threads measured
+    faster than psycopg's waits on the request's greenlet (docs: performance).
     """
     store = getattr(server.store, "inner", server.store)  # telemetry's TimedStore
     return (
         uses_sdk_process(server)
         and isinstance(store, SQLAlchemyStore)
+        and store.dialect == "sqlite"
         and all(
             getattr(type(store), name) is getattr(SQLAlchemyStore, name) for name in _STORE_READS
         )

@@ -63,7 +63,10 @@ class ChatKitErrorEvent(Exception):
 
 
 class _RespondError:
-    exc: BaseException | None = None
+    __slots__ = ("exc",)
+
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
 
 
 # Set per request before the view copies its context for the loop, so the
@@ -157,6 +160,11 @@ _STREAM_SIGNALS = (
 
 class RequestObserver:
     """Sends the request's signals and keeps its span and stream metrics."""
+
+    __slots__ = (
+        "_attributes", "_respond_error", "_span", "_token", "app", "context", "op", "started",
+        "telemetry", "thread_id",
+    )  # fmt: skip
 
     def __init__(self, state: ChatKitState, op: str, context: Any, thread_id: str | None) -> None:
         self.app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]

@@ -37,6 +37,8 @@ class ContextKeepingBody:
     ``rewrite`` is applied to each write (stored relative attachment URLs made absolute).
     """
 
+    __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream")
+
     def __init__(self, stream: Stream, rewrite: Callable[[bytes], bytes]) -> None:
         self._stream = stream
         self._rewrite = rewrite
