@@ -118,7 +118,7 @@ def test_streams_past_the_per_user_cap_get_429(tmp_path: Path) -> None:
                 f"{server.url}/chatkit", json=create_request("words=2"), timeout=30
             )
             assert refused.status_code == 429, refused.text
-            assert refused.json()["error"]["code"] == "too_many_streams"
+            assert refused.json()["error"]["code"] == "rate_limited"
             assert int(refused.headers["Retry-After"]) > 0
             bob = logged_in_session(server.url, "bob")
             other = bob.post(f"{server.url}/chatkit", json=create_request("words=2"), timeout=30)

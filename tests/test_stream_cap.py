@@ -87,7 +87,7 @@ def test_the_stream_past_the_cap_is_429_and_a_closed_one_frees_its_slot(
     try:
         refused = alice.post("/chatkit", json=create_request(SLOW))
         assert refused.status_code == 429
-        assert refused.get_json()["error"]["code"] == "too_many_streams"
+        assert refused.get_json()["error"]["code"] == "rate_limited"
         assert int(refused.headers["Retry-After"]) > 0
         assert refused.mimetype == "application/json"  # before anything streamed
         # Non-streaming requests are not counted.

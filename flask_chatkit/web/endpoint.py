@@ -286,7 +286,7 @@ class StreamSlots:
                 raise ChatKitHTTPException(
                     429,
                     f"Too many open streams: at most {cap} per user; wait for one of yours to end.",
-                    "too_many_streams",
+                    "rate_limited",
                     headers={"Retry-After": str(STREAM_RETRY_AFTER)},
                 )
             self._open[key] = count + 1
