@@ -39,6 +39,8 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_OTEL_RECORD_OWNER": False,  # the owner key as a span attribute (personal data)
     # One user's uploaded-but-unsent attachment bytes beyond it: 413.
     "CHATKIT_MAX_PENDING_ATTACHMENT_BYTES": 256 * 1024 * 1024,
+    "CHATKIT_BODY_TIMEOUT": 30.0,  # seconds to receive a JSON request body; then 408
+    "CHATKIT_MAX_STREAMS_PER_USER": 20,  # open streams per user (owner key) and worker; then 429
 }
 
 
@@ -64,6 +66,8 @@ class Settings:
     public_url: str | None
     health: bool
     otel_record_owner: bool = False
+    body_timeout: float = 30.0
+    max_streams_per_user: int = 20
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -125,4 +129,8 @@ def read_settings(app: Flask) -> Settings:
         public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
         health=bool(c["CHATKIT_HEALTH"]),
         otel_record_owner=bool(c["CHATKIT_OTEL_RECORD_OWNER"]),
+        body_timeout=_positive("CHATKIT_BODY_TIMEOUT", c["CHATKIT_BODY_TIMEOUT"], float),
+        max_streams_per_user=_positive(
+            "CHATKIT_MAX_STREAMS_PER_USER", c["CHATKIT_MAX_STREAMS_PER_USER"]
+        ),
     )

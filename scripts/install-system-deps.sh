@@ -2,6 +2,7 @@
 # System packages the test suite needs, from Debian, installed only when absent:
 #   - PostgreSQL server binaries (tests start throwaway clusters with initdb/pg_ctl)
 #   - Chromium and its driver (browser tests)
+#   - nginx (the reverse-proxy integration test runs it as its own process, never as a service)
 # Idempotent. Never fails the build: when packages cannot be installed it prints a
 # loud warning and the tests that need them skip (loudly).
 set -u
@@ -13,9 +14,12 @@ fi
 if [ ! -x /usr/bin/chromium ]; then
     missing+=(chromium chromium-driver)
 fi
+if [ ! -x /usr/sbin/nginx ]; then
+    missing+=(nginx)
+fi
 
 if [ ${#missing[@]} -eq 0 ]; then
-    echo "system-deps: PostgreSQL and Chromium already installed."
+    echo "system-deps: PostgreSQL, Chromium and nginx already installed."
     exit 0
 fi
 

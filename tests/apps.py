@@ -104,4 +104,9 @@ def gunicorn_app() -> Flask:
         store = None  # the extension's default SQLAlchemyStore on CHATKIT_DATABASE_URL
     if os.environ.get("CHATKIT_TEST_INSTANCE_PATH"):  # "another machine": its own folder
         config["instance_path"] = os.environ["CHATKIT_TEST_INSTANCE_PATH"]
-    return create_test_app(store=store, **config)
+    app = create_test_app(store=store, **config)
+    if os.environ.get("CHATKIT_TEST_PROXY_FIX"):  # behind nginx (tests/test_nginx.py)
+        from werkzeug.middleware.proxy_fix import ProxyFix
+
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=1, x_proto=1, x_host=1)  # type: ignore[method-assign]
+    return app

@@ -360,9 +360,15 @@ class _GroupWriter:
         self.thread_id: int | None = None  # the writer's native thread, once started
         self.conn: Connection | None = None  # the group's connection, while one runs
         self.after_commit: list[Callable[[], None]] = []
-        start_native_thread(self._serve)
+        self._start_lock = native_lock()
+        self._started = False  # the thread starts with the first write, not at construction
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if not self._started:
+            with self._start_lock:
+                if not self._started:
+                    start_native_thread(self._serve)
+                    self._started = True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((loop, future, fn, args))
@@ -445,7 +451,8 @@ class SQLAlchemyStore(Store[Any]):
         else:
             self.engine = build_engine(bind, pool_size=pool_size)
         self._owner = owner
-        # A page of items also ends once its payloads reach this many bytes (None: no bound).
+        # A page of items or threads also ends once its payloads reach this many
+        # bytes (None: no bound).
         self.max_page_bytes = max_page_bytes
         # Called (sync, after commit) with the ids of attachment rows removed along
         # with their threads, so their files can go too; the extension wires it.
@@ -581,7 +588,9 @@ class SQLAlchemyStore(Store[Any]):
     ) -> Page[ThreadMetadata]:
         t = self.threads
         with self._tx() as conn:
-            rows, more = keyset_page(conn, t, t.c.owner == owner, after, limit, order, "Thread")
+            rows, more = keyset_page(
+                conn, t, t.c.owner == owner, after, limit, order, "Thread", self.max_page_bytes
+            )
         data = [ThreadMetadata.model_validate(r.payload) for r in rows]
         return Page(data=data, has_more=more, after=rows[-1].id if more and rows else None)
 

@@ -9,7 +9,7 @@ traceback, or mid-stream). An operation the app did not implement is a
 ``NotImplementedError`` from the SDK's default method. So, in this order:
 
 1. :func:`check_request` — what the parsed request alone decides: page limits
-   (400 or clamped), list sizes (400), ``metadata`` size (413); then, once the
+   (400 or clamped), list sizes (400), thread titles (400), ``metadata`` size (413); then, once the
    context is loaded, :func:`check_implemented` — an operation the server does not
    implement (501).
 2. :func:`check_against_store` — what the store decides, through the owner-scoped
@@ -43,6 +43,7 @@ from chatkit.types import (
     ThreadsListReq,
     ThreadsRetryAfterItemReq,
     ThreadsSyncCustomActionReq,
+    ThreadsUpdateReq,
     UserMessageInput,
     UserMessageItem,
     WidgetItem,
@@ -57,12 +58,16 @@ from ..errors import ChatKitHTTPException, bad_request
 MAX_ITEM_IDS = 100
 # Most content parts in one user message (each becomes a model, stored and streamed back).
 MAX_CONTENT_PARTS = 100
+# Longest thread title a client may set: every title is sent back in each
+# threads.list page, so an unbounded one makes every page of its owner huge.
+MAX_TITLE_CHARS = 1000
 
 
 def check_request(request: ChatKitReq, settings: Settings) -> bool:
     """The checks the parsed request alone decides; True when one changed it in place
     (a page limit clamped, repeated ids dropped)."""
     changed = clamp_page_limit(request, settings.max_page_size) | limit_lists(request)
+    check_title(request)
     check_metadata_size(request.metadata, settings.max_metadata_bytes)
     return changed
 
@@ -86,6 +91,16 @@ def check_metadata_size(metadata: dict[str, Any], limit: int) -> None:
     if size > limit:
         raise ChatKitHTTPException(
             413, f"Request metadata is {size} bytes serialized; at most {limit} are allowed."
+        )
+
+
+def check_title(request: ChatKitReq) -> None:
+    """400 for a ``threads.update`` title longer than ``MAX_TITLE_CHARS``."""
+    if isinstance(request, ThreadsUpdateReq) and len(request.params.title) > MAX_TITLE_CHARS:
+        raise bad_request(
+            f"'title' is {len(request.params.title)} characters; "
+            f"at most {MAX_TITLE_CHARS} are allowed.",
+            "invalid_request",
         )
 
 

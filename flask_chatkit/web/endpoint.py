@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import re
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from typing import Any
 
 from chatkit.logger import logger as sdk_logger
@@ -46,7 +46,8 @@ from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from ..bridge.loop import NeedsLoop, Outcome, run_inline
-from ..bridge.stream import Stream
+from ..bridge.native import native_lock
+from ..bridge.stream import Stream, StreamEnd, StreamStats
 from ..context import new_request_id, require_login
 from ..errors import (
     ChatKitHTTPException,
@@ -196,25 +197,35 @@ def run_chatkit(
             return result
         return Outcome(result)  # plain, or an overridden process()'s choice
 
-    if is_streaming_req(parsed):
-        # One task on the loop checks, runs ChatKit and pumps the stream; this
-        # greenlet/thread waits once, for the first chunk (or an error, or a
-        # plain result from an overridden process()).
-        stream = new_stream(state, ctx, observer)
-        stream.start(prepare)
-        first = stream.first()
-    else:
-        plain = state.loop_thread.run(checked_process, ctx)
-        if not isinstance(plain, StreamingResult):
+    # A stream holds a slot of its owner from here until it ends (429 past the cap).
+    release: Callable[[], None] | None = None
+    try:
+        if is_streaming_req(parsed):
+            release = STREAM_SLOTS.claim(state, context)
+            # One task on the loop checks, runs ChatKit and pumps the stream; this
+            # greenlet/thread waits once, for the first chunk (or an error, or a
+            # plain result from an overridden process()).
+            stream = new_stream(state, ctx, observer, release=release)
+            stream.start(prepare)
+            first = stream.first()
+        else:
+            plain = state.loop_thread.run(checked_process, ctx)
+            if not isinstance(plain, StreamingResult):
+                observer.responded(200)
+                return Response(rewrite(plain.json), mimetype="application/json")
+            release = STREAM_SLOTS.claim(state, context)
+            stream = new_stream(state, ctx, observer, plain, release)  # an overridden process()
+            stream.start()
+            first = stream.first()
+        if isinstance(first, Outcome):  # ended before any byte: still a plain HTTP response
+            release()
+            result = first.unwrap()
             observer.responded(200)
-            return Response(rewrite(plain.json), mimetype="application/json")
-        stream = new_stream(state, ctx, observer, plain)  # an overridden process()
-        stream.start()
-        first = stream.first()
-    if isinstance(first, Outcome):  # ended before any byte: still a plain HTTP response
-        result = first.unwrap()
-        observer.responded(200)
-        return Response(rewrite(result.json), mimetype="application/json")
+            return Response(rewrite(result.json), mimetype="application/json")
+    except BaseException:
+        if release is not None:  # a failure before any byte: the stream never ran
+            release()
+        raise
     observer.stream_started(first)
     return Response(
         ContextKeepingBody(stream, rewrite), mimetype="text/event-stream", headers=SSE_HEADERS
@@ -226,8 +237,11 @@ def new_stream(
     ctx: contextvars.Context,
     observer: RequestObserver,
     source: AsyncIterable[bytes] | None = None,
+    release: Callable[[], None] | None = None,
 ) -> Stream:
     settings = state.settings
+    on_end: Callable[[StreamEnd, StreamStats, BaseException | None], None]
+    on_end = observer.stream_ended if release is None else _releasing(release, observer)
     return Stream(
         state.loop_thread,
         source,
@@ -235,9 +249,83 @@ def new_stream(
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
         on_disconnect=settings.on_disconnect,
-        on_end=observer.stream_ended,
+        on_end=on_end,
         started=observer.started,
     )
+
+
+# -- open streams per user ---------------------------------------------------------
+# A client told to wait for one of its own streams to end.
+STREAM_RETRY_AFTER = 5
+
+
+class StreamSlots:
+    """Open streams per owner key in this worker process, capped at
+    ``CHATKIT_MAX_STREAMS_PER_USER``: one user holding hundreds of streams (300
+    that never read) slowed every other user of the worker (a list took 3 s).
+
+    A dict of counts behind a native lock (a detached stream ends on a native
+    executor thread; the lock is held only for a dict update, never across I/O).
+    Counted per process: each gunicorn worker has its own, so a user may hold the
+    cap in every worker.
+    """
+
+    def __init__(self) -> None:
+        self._lock = native_lock()
+        self._open: dict[tuple[int, str], int] = {}
+
+    def open_count(self, state: ChatKitState, owner: str) -> int:
+        return self._open.get((id(state), owner), 0)
+
+    def claim(self, state: ChatKitState, context: Any) -> Callable[[], None]:
+        """Take a slot of the context's owner, or raise 429; returns the (idempotent) release."""
+        key = (id(state), owner_key(state, context))
+        cap = state.settings.max_streams_per_user
+        with self._lock:
+            count = self._open.get(key, 0)
+            if count >= cap:
+                raise ChatKitHTTPException(
+                    429,
+                    f"Too many open streams: at most {cap} per user; wait for one of yours to end.",
+                    "rate_limited",
+                    headers={"Retry-After": str(STREAM_RETRY_AFTER)},
+                )
+            self._open[key] = count + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                left = self._open.get(key, 1) - 1
+                if left > 0:
+                    self._open[key] = left
+                else:
+                    self._open.pop(key, None)
+
+        return release
+
+
+STREAM_SLOTS = StreamSlots()
+
+
+def owner_key(state: ChatKitState, context: Any) -> str:
+    """The store's tenant key for ``context`` (``owner_key``), else its ``user_id``."""
+    key_of = getattr(state.store, "owner_key", None)
+    key = key_of(context) if callable(key_of) else getattr(context, "user_id", "")
+    return str(key)
+
+
+def _releasing(
+    release: Callable[[], None], observer: RequestObserver
+) -> Callable[[StreamEnd, StreamStats, BaseException | None], None]:
+    def on_end(outcome: StreamEnd, stats: StreamStats, exc: BaseException | None) -> None:
+        release()  # first: a failing receiver below must not keep the slot
+        observer.stream_ended(outcome, stats, exc)
+
+    return on_end
 
 
 # -- running ChatKit on the parsed request --------------------------------------------

@@ -10,6 +10,17 @@
   strings) and refuses more than :func:`max_json_values` allows for its size. The
   count is a few ``bytes.count`` calls for ordinary bodies; only a body over the budget
   is scanned again, slice by slice, leaving out what is inside strings.
+* **In time.** The whole body must arrive within ``CHATKIT_BODY_TIMEOUT`` seconds, or
+  the client gets 408 and the connection is closed: a client trickling a byte at a
+  time would otherwise hold one of the worker's connections for as long as it likes
+  (55 such sockets starved a gevent worker of 50 connections, health checks
+  included). Under gevent the read runs inside a ``gevent.Timeout``: a real deadline
+  on the whole body. Under threaded workers (gthread, sync) no other thread can
+  interrupt a blocking read, so the deadline is checked between chunk reads and
+  each socket wait is bounded by the time left (``gunicorn.socket``): a client that
+  sends nothing is cut off in time, but one that keeps trickling bytes inside one
+  chunk can overrun it by up to a chunk's worth of waits. There, put a buffering
+  proxy in front (nginx's ``proxy_request_buffering on``; see docs/nginx.conf.example).
 * **Parsed once.** ``ChatKitServer.process()`` builds ``TypeAdapter(ChatKitReq)`` on
   every call and parses the raw body again; the view parses with one cached adapter
   here and hands the parsed request to the SDK's handlers (``web/endpoint.py``).
@@ -17,7 +28,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
+import sys
+import time
+from typing import Any
 
 from chatkit.types import ChatKitReq
 from flask import current_app, g, request
@@ -39,23 +55,94 @@ ENDPOINT = "chatkit.endpoint"
 MESSAGE_REQUEST_TYPES = frozenset({"threads.create", "threads.add_user_message"})
 
 
-def _read_limited(limit: int) -> bytes:
-    """The request body, refusing (413) anything over ``limit`` without buffering it all."""
+def _read_limited(limit: int, timeout: float) -> bytes:
+    """The request body, refusing (413) anything over ``limit`` without buffering it all,
+    and (408) a body that has not arrived within ``timeout`` seconds."""
     length = request.content_length
     if length is not None and length > limit:
         raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
-    body = request.stream.read(limit + 1)
+    sock = request.environ.get("gunicorn.socket")
+    try:
+        if _gevent_patched():
+            import gevent
+
+            with gevent.Timeout(timeout, BodyTimeout):
+                body = request.stream.read(limit + 1)
+        else:
+            body = _read_with_deadline(limit + 1, time.monotonic() + timeout, sock)
+    except (BodyTimeout, TimeoutError):
+        raise body_timeout(timeout, sock) from None
     if len(body) > limit:
         raise ChatKitHTTPException(413, f"Request body exceeds {limit} bytes.")
     return body
 
 
-def request_body(limit: int) -> bytes:
-    """The body of the current request, read once (bounded by ``limit``) and cached."""
+# Threaded workers read the body in chunks of this size, checking the deadline between them.
+_BODY_CHUNK = 16 * 1024
+
+
+class BodyTimeout(Exception):
+    """The request body did not arrive in time (raised by ``gevent.Timeout``)."""
+
+
+def _gevent_patched() -> bool:
+    # Only a gevent worker patches the socket module; gevent.monkey is then imported.
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def _read_with_deadline(size: int, deadline: float, sock: Any) -> bytes:
+    """Up to ``size`` bytes, each socket wait bounded by the time left before ``deadline``."""
+    # gunicorn's threaded workers hand the app the connection's socket.
+    settable = callable(getattr(sock, "settimeout", None))
+    previous = sock.gettimeout() if settable else None
+    parts: list[bytes] = []
+    got = 0
+    try:
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise BodyTimeout
+            if settable:
+                sock.settimeout(left)
+            chunk = request.stream.read(min(_BODY_CHUNK, size - got))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+    finally:
+        if settable:
+            sock.settimeout(previous)
+    return b"".join(parts)
+
+
+def body_timeout(timeout: float, sock: Any) -> ChatKitHTTPException:
+    """The 408, after making sure the connection ends with it.
+
+    gunicorn drops an application's ``Connection`` header and, to reach the next
+    request, would drain the rest of the body, waiting on the slow client again:
+    shutting the read side makes that drain end at once, so the connection
+    closes after the 408 is written. ``Connection: close`` tells other servers.
+    """
+    if sock is not None:
+        with contextlib.suppress(OSError, AttributeError):  # already gone / not a socket
+            sock.shutdown(socket.SHUT_RD)
+    return ChatKitHTTPException(
+        408,
+        f"The request body was not received within {timeout:g} seconds.",
+        headers={"Connection": "close"},
+    )
+
+
+def request_body(limit: int, timeout: float | None = None) -> bytes:
+    """The body of the current request, read once (bounded by ``limit`` bytes and
+    ``timeout`` seconds, default ``CHATKIT_BODY_TIMEOUT``) and cached."""
     cached = g.get("_chatkit_body")
     if cached is None:
+        if timeout is None:
+            timeout = current_app.extensions["chatkit"].settings.body_timeout
         try:
-            cached = _read_limited(limit)
+            cached = _read_limited(limit, timeout)
         except ChatKitHTTPException as exc:
             cached = exc
         g._chatkit_body = cached
