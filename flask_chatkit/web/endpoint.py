@@ -60,7 +60,7 @@ from ..state import ChatKitState, get_state
 from ..storage.sql import SQLAlchemyStore
 from .checks import check_against_store, check_implemented, check_request
 from .observe import RequestObserver, count_error_response
-from .request_body import parse_request, request_body, serialize_request
+from .request_body import end_connection, parse_request, request_body, serialize_request
 from .response import ContextKeepingBody, url_rewriter
 from .security import apply_cors, check_origin, preflight_response
 
@@ -110,6 +110,9 @@ def _before_request() -> Response | None:
 
 def _after_request(response: Response) -> Response:
     response.headers.setdefault("X-Request-ID", g.get("chatkit_request_id", ""))
+    slow_client = g.pop("_chatkit_end_connection", None)  # a 408: its body never came
+    if slow_client is not None:
+        response.call_on_close(lambda: end_connection(slow_client))
     state = get_state()
     apply_cors(response, state.settings)
     if state.telemetry is not None:

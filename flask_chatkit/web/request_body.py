@@ -117,21 +117,40 @@ def _read_with_deadline(size: int, deadline: float, sock: Any) -> bytes:
 
 
 def body_timeout(timeout: float, sock: Any) -> ChatKitHTTPException:
-    """The 408, after making sure the connection ends with it.
-
-    gunicorn drops an application's ``Connection`` header and, to reach the next
-    request, would drain the rest of the body, waiting on the slow client again:
-    shutting the read side makes that drain end at once, so the connection
-    closes after the 408 is written. ``Connection: close`` tells other servers.
-    """
+    """The 408; the connection ends after it (:func:`end_connection`, once it is written)."""
     if sock is not None:
-        with contextlib.suppress(OSError, AttributeError):  # already gone / not a socket
-            sock.shutdown(socket.SHUT_RD)
+        g._chatkit_end_connection = sock
     return ChatKitHTTPException(
         408,
         f"The request body was not received within {timeout:g} seconds.",
         headers={"Connection": "close"},
     )
+
+
+LINGER_SECONDS = 2.0
+
+
+def end_connection(sock: Any) -> None:
+    """End a connection whose body never arrived, after its 408 has been written.
+
+    gunicorn drops an application's ``Connection`` header and, to reach the next
+    request, would drain the rest of the body, waiting on the slow client again. So:
+    FIN after the 408 (``SHUT_WR``), then read and drop what the client still sends
+    for a moment (closing with unread bytes would answer with a reset, which can
+    destroy the 408 before the client reads it), then shut the read side, so
+    gunicorn's drain ends at once and it closes the connection.
+    """
+    with contextlib.suppress(OSError, AttributeError):  # already gone / not a socket
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(0.25)
+        deadline = time.monotonic() + LINGER_SECONDS
+        while time.monotonic() < deadline:
+            try:
+                if not sock.recv(65536):
+                    break  # the client closed its side
+            except TimeoutError:
+                continue
+        sock.shutdown(socket.SHUT_RD)
 
 
 def request_body(limit: int, timeout: float | None = None) -> bytes:
