@@ -37,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_PUBLIC_URL": None,  # trusted base for absolute URLs; else SERVER_NAME, else host
     "CHATKIT_HEALTH": True,  # GET <prefix>/health for load balancers
     "CHATKIT_OTEL_RECORD_OWNER": False,  # the owner key as a span attribute (personal data)
+    "CHATKIT_CHECKPOINT_SECONDS": 2.0,  # a streaming reply's text is saved this often; 0: off
 }
 
 
@@ -61,6 +62,7 @@ class Settings:
     public_url: str | None
     health: bool
     otel_record_owner: bool = False
+    checkpoint_seconds: float = 2.0  # 0.0: replies are saved only when they end
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -70,6 +72,16 @@ def _positive(name: str, value: Any, kind: type = int) -> Any:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if number <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    return number
+
+
+def _not_negative(name: str, value: Any) -> float:
+    try:
+        number = float(value or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must be 0 (off) or positive, got {value!r}")
     return number
 
 
@@ -119,4 +131,7 @@ def read_settings(app: Flask) -> Settings:
         public_url=str(c["CHATKIT_PUBLIC_URL"]).rstrip("/") if c["CHATKIT_PUBLIC_URL"] else None,
         health=bool(c["CHATKIT_HEALTH"]),
         otel_record_owner=bool(c["CHATKIT_OTEL_RECORD_OWNER"]),
+        checkpoint_seconds=_not_negative(
+            "CHATKIT_CHECKPOINT_SECONDS", c["CHATKIT_CHECKPOINT_SECONDS"]
+        ),
     )
