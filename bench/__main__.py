@@ -75,7 +75,8 @@ def summary_table(summaries: list[Summary]) -> str:
 
 # -- sections that live in modules of their own ----------------------------------
 # F: the store (bench/store_bench.py), S: a blocking call's stall on a neighbour stream
-# (bench/sync_stall.py), U: uploads, disk vs S3 (bench/uploads.py).
+# (bench/sync_stall.py), U: uploads, disk vs S3 (bench/uploads.py), K: checkpoints
+# (bench/checkpoints.py).
 
 
 def module_section(key: str, title: str, module_name: str) -> Callable[[Settings], Section]:
@@ -136,6 +137,10 @@ ALL = {
     "U": module_section(
         "U", "U. uploads: throughput and neighbour-stream jitter, disk vs S3 (bench/uploads.py)",
         "bench.uploads",
+    ),
+    "K": module_section(
+        "K", "K. checkpoints: CPU per stream and store writes per second at 1,000 streams, "
+        "on against off (bench/checkpoints.py)", "bench.checkpoints",
     ),
 }
 

@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_MAX_PENDING_ATTACHMENT_BYTES": 256 * 1024 * 1024,
     "CHATKIT_BODY_TIMEOUT": 30.0,  # seconds to receive a JSON request body; then 408
     "CHATKIT_MAX_STREAMS_PER_USER": 20,  # open streams per user (owner key) and worker; then 429
+    "CHATKIT_CHECKPOINT_SECONDS": 2.0,  # a streaming reply's text is saved this often; 0: off
 }
 
 
@@ -68,6 +69,7 @@ class Settings:
     otel_record_owner: bool = False
     body_timeout: float = 30.0
     max_streams_per_user: int = 20
+    checkpoint_seconds: float = 2.0  # 0.0: replies are saved only when they end
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -77,6 +79,16 @@ def _positive(name: str, value: Any, kind: type = int) -> Any:
         raise ValueError(f"{name} must be a number, got {value!r}") from None
     if number <= 0:
         raise ValueError(f"{name} must be positive, got {value!r}")
+    return number
+
+
+def _not_negative(name: str, value: Any) -> float:
+    try:
+        number = float(value or 0)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if number < 0:
+        raise ValueError(f"{name} must be 0 (off) or positive, got {value!r}")
     return number
 
 
@@ -132,5 +144,8 @@ def read_settings(app: Flask) -> Settings:
         body_timeout=_positive("CHATKIT_BODY_TIMEOUT", c["CHATKIT_BODY_TIMEOUT"], float),
         max_streams_per_user=_positive(
             "CHATKIT_MAX_STREAMS_PER_USER", c["CHATKIT_MAX_STREAMS_PER_USER"]
+        ),
+        checkpoint_seconds=_not_negative(
+            "CHATKIT_CHECKPOINT_SECONDS", c["CHATKIT_CHECKPOINT_SECONDS"]
         ),
     )

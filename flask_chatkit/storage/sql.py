@@ -23,6 +23,11 @@ never stalls the loop; driven with no loop running, right where it is called.
   set: a late save of the unlinked copy must not undo the SDK's link.
   A claim expires (see :data:`CLAIM_STALE_SECONDS`), and ``deleted`` marks a
   tombstone: a row whose thread is gone but whose bytes may still be stored.
+* **Checkpoints** of a reply being streamed (``save_checkpoint``) are item rows whose
+  payload carries ``CHECKPOINT_FLAG`` (ChatKit's models ignore the extra key, so a
+  checkpoint reads as the item so far). The reply's final ``add_thread_item`` of the
+  same owner, thread and id replaces such a row instead of raising
+  :class:`DuplicateIdError`; a checkpoint never overwrites a final row.
 * **Pages** are keyset pages on ``(created_at, seq)`` (ties never skip or repeat a
   row), bounded by ``limit`` and, for items, by payload bytes.
 * **Maintenance** (sync, for start-up, the health route and the CLI): create and
@@ -140,6 +145,11 @@ def item_adapter() -> TypeAdapter[ThreadItem]:
 @lru_cache(maxsize=1)
 def attachment_adapter() -> TypeAdapter[Attachment]:
     return TypeAdapter(Attachment)
+
+
+# Marks an item row as a checkpoint of a reply still streaming (see save_checkpoint).
+# In the payload, not a column: no schema change, and ChatKit's models drop the key.
+CHECKPOINT_FLAG = "_flask_chatkit_checkpoint"
 
 
 def thread_payload(thread: ThreadMetadata) -> dict[str, Any]:
@@ -616,15 +626,49 @@ class SQLAlchemyStore(Store[Any]):
             "payload": item.model_dump(mode="json"),
         }
 
+    def _item_key(self, owner: str, thread_id: str, item_id: str) -> Any:
+        i = self.items
+        return and_(i.c.owner == owner, i.c.thread_id == thread_id, i.c.id == item_id)
+
+    def _is_checkpoint(self) -> Any:
+        return self.items.c.payload[CHECKPOINT_FLAG].as_boolean().is_(True)
+
     @_writes
     def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
         with self._tx(write=True) as conn:
             # Never an overwrite, never a silent drop: the SDK only adds new items,
             # so an id the thread already holds is a clash. Items of other threads
-            # and owners with the same id are other rows, untouched.
-            if not insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
+            # and owners with the same id are other rows, untouched. The one
+            # exception: a checkpoint of this very reply, which the final item replaces.
+            if insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
+                return
+            replaced = conn.execute(
+                update(self.items)
+                .where(self._item_key(owner, thread_id, item.id), self._is_checkpoint())
+                .values(created_at=values["created_at"], payload=values["payload"])
+            ).rowcount
+            if replaced != 1:
                 raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
+
+    @_writes
+    def _save_checkpoint(self, owner: str, thread_id: str, item: ThreadItem) -> None:
+        values = self._item_values(owner, thread_id, item)
+        values["payload"][CHECKPOINT_FLAG] = True
+        keys = ["owner", "thread_id", "id"]
+        changed = {"created_at": values["created_at"], "payload": values["payload"]}
+        with self._tx(write=True) as conn:
+            stmt = dialect_insert(conn.dialect.name, self.items)
+            if stmt is not None:  # one statement: insert, or update a checkpoint row only
+                conn.execute(
+                    stmt.values(**values).on_conflict_do_update(
+                        index_elements=keys, set_=changed, where=self._is_checkpoint()
+                    )
+                )
+                return
+            where = (self._item_key(owner, thread_id, item.id), self._is_checkpoint())
+            if conn.execute(update(self.items).where(*where).values(**changed)).rowcount == 0:
+                insert_new(conn, self.items, keys, values)  # a final row stays as it is
 
     @_writes
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
@@ -810,6 +854,18 @@ class SQLAlchemyStore(Store[Any]):
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         await self._run(self._save_item, self.owner_key(context), thread_id, item)
+
+    async def save_checkpoint(self, thread_id: str, item: ThreadItem, context: Any) -> None:
+        """Save a reply still streaming: the item so far, marked as a checkpoint.
+
+        Not part of chatkit's Store. The Flask view calls it every
+        ``CHATKIT_CHECKPOINT_SECONDS`` while a reply streams, so a worker killed
+        mid-reply leaves the text up to the last checkpoint. Inserts the row, or
+        updates an earlier checkpoint of it; a final row (already added) is kept.
+        The reply's final ``add_thread_item`` (or ``save_item``) replaces the
+        checkpoint, under the same id.
+        """
+        await self._run(self._save_checkpoint, self.owner_key(context), thread_id, item)
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
         owner = self.owner_key(context)

@@ -22,21 +22,39 @@ ChatKit is handed the request parsed here: ``ChatKitServer.process()`` would par
 the raw body again (building a ``TypeAdapter`` per call). With an overridden
 ``process()``, or an SDK whose ``process()`` changed, the raw body goes to
 ``process()`` as usual: slower, never wrong.
+
+**Checkpoints** (``CHATKIT_CHECKPOINT_SECONDS``): with the SDK's own ``process()`` a
+stream iterates ChatKit's events here (:func:`checkpointed_stream`) and every that
+many seconds saves the assistant message being streamed, so a worker killed
+mid-reply leaves the text so far under the item id the client saw. With an
+overridden ``process()`` (or a store without ``save_checkpoint``) there are none.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import logging
 import re
-from collections.abc import AsyncIterable, Callable
+import time
+from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any
 
+from chatkit.errors import ErrorCode
 from chatkit.logger import logger as sdk_logger
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
+    AssistantMessageItem,
     ChatKitReq,
+    ErrorEvent,
     ItemsListReq,
+    StreamingReq,
+    ThreadItemAddedEvent,
+    ThreadItemDoneEvent,
+    ThreadItemRemovedEvent,
+    ThreadItemReplacedEvent,
+    ThreadItemUpdatedEvent,
     ThreadsGetByIdReq,
     ThreadsListReq,
     is_streaming_req,
@@ -177,7 +195,9 @@ def run_chatkit(
 
     async def checked_process() -> StreamingResult | NonStreamingResult:
         await check_against_store(server.store, parsed, context, state.attachment_store)
-        return await process(server, parsed, body, context)
+        return await process(
+            server, parsed, body, context, checkpoint_seconds=state.settings.checkpoint_seconds
+        )
 
     # Stored attachment URLs are relative; they become absolute on a trusted base here.
     rewrite = url_rewriter(settings=state.settings)
@@ -382,12 +402,182 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
 
 
 async def process(
-    server: ChatKitServer[Any], request: ChatKitReq, raw_body: bytes, context: Any
+    server: ChatKitServer[Any],
+    request: ChatKitReq,
+    raw_body: bytes,
+    context: Any,
+    *,
+    checkpoint_seconds: float = 0.0,
 ) -> StreamingResult | NonStreamingResult:
-    """Equivalent of ``server.process(raw_body, context)`` for an already parsed request."""
+    """Equivalent of ``server.process(raw_body, context)`` for an already parsed request.
+
+    With ``checkpoint_seconds`` > 0 and a server and store that allow it
+    (:func:`checkpoints_possible`), a stream also checkpoints its reply.
+    """
     if not uses_sdk_process(server):
-        return await server.process(raw_body, context)
+        return await server.process(raw_body, context)  # no checkpoints: see the module doc
     sdk_logger.info(f"Received request op: {request.type}")
     if is_streaming_req(request):
+        if checkpoint_seconds > 0 and checkpoints_possible(server):
+            return StreamingResult(
+                checkpointed_stream(server, request, context, checkpoint_seconds)
+            )
         return StreamingResult(server._process_streaming(request, context))
     return NonStreamingResult(await server._process_non_streaming(request, context))
+
+
+# -- checkpoints: a streaming reply saved as it goes -----------------------------------
+# Everything the SDK's _process_streaming touched when this was written; if it
+# changes, streams go through it unchanged (no checkpoints): never wrong.
+_KNOWN_STREAMING_NAMES = frozenset(
+    {
+        "_process_streaming_impl", "_serialize", "asyncio", "CancelledError", "logger",
+        "exception", "Exception",
+    }
+)  # fmt: skip
+SDK_STREAMING_UNCHANGED = SDK_PROCESS_UNCHANGED and (
+    frozenset(ChatKitServer._process_streaming.__code__.co_names) <= _KNOWN_STREAMING_NAMES
+)
+
+
+def checkpoints_possible(server: ChatKitServer[Any]) -> bool:
+    """Whether a stream of ``server`` can be checkpointed.
+
+    The SDK's own ``process()`` and ``_process_streaming`` (its events are iterated
+    here instead), and a store with ``save_checkpoint`` (``SQLAlchemyStore``): a
+    checkpoint row must be one the reply's final ``add_thread_item`` replaces, which
+    the plain ``Store`` contract does not promise.
+    """
+    cls = type(server)
+    return (
+        SDK_STREAMING_UNCHANGED
+        and uses_sdk_process(server)
+        and cls._process_streaming is ChatKitServer._process_streaming
+        and callable(getattr(server, "_update_pending_items", None))
+        and callable(getattr(server.store, "save_checkpoint", None))
+    )
+
+
+class _Checkpoints:
+    """The assistant messages a stream has in flight, and their checkpoint writes."""
+
+    def __init__(self, server: ChatKitServer[Any], context: Any, interval: float) -> None:
+        self.server = server
+        self.context = context
+        self.interval = interval
+        self.due = time.monotonic() + interval
+        # Our own copies (the SDK keeps its own), updated by the SDK's own code.
+        self.pending: dict[str, Any] = {}
+        self.changed: set[str] = set()  # ids with text not yet checkpointed
+        self.saved: set[str] = set()  # ids with a checkpoint row
+
+    def track(self, event: Any) -> None:
+        """Follow one event of the stream (cheap: no I/O)."""
+        if isinstance(event, ThreadItemUpdatedEvent):
+            if event.item_id in self.pending:
+                self.server._update_pending_items(self.pending, event)
+                self.changed.add(event.item_id)
+        elif isinstance(event, ThreadItemAddedEvent):
+            if isinstance(event.item, AssistantMessageItem):
+                self.pending[event.item.id] = event.item.model_copy(deep=True)
+                self.changed.add(event.item.id)
+        elif isinstance(event, ThreadItemDoneEvent | ThreadItemReplacedEvent):
+            # The SDK has saved the final item (replacing any checkpoint) before it yields.
+            self._forget(event.item.id)
+        elif isinstance(event, ThreadItemRemovedEvent):
+            self._forget(event.item_id)
+
+    def _forget(self, item_id: str) -> None:
+        self.pending.pop(item_id, None)
+        self.changed.discard(item_id)
+        self.saved.discard(item_id)
+
+    def due_now(self) -> bool:
+        return bool(self.changed) and time.monotonic() >= self.due
+
+    async def save(self, only_saved: bool = False) -> BaseException | None:
+        """Checkpoint the changed items (``only_saved``: those with a row already).
+
+        Returns the store's error, if a write failed. A cancel (a disconnect, a
+        stopping worker) arriving mid-write is held until the write has landed, so
+        ChatKit's own final save in ``handle_stream_cancelled`` comes after it, and
+        is then re-aimed at ChatKit's next await (raised here, ChatKit's
+        cancellation handling would never run).
+        """
+        ids = [i for i in self.changed if not only_saved or i in self.saved]
+        items = [self.pending[i] for i in ids if _has_text(self.pending[i])]
+        self.changed.clear()
+        self.due = time.monotonic() + self.interval
+        if not items:
+            return None
+        # No copies needed: the items are ours and change only between writes.
+        write = asyncio.ensure_future(self._write(items))
+        try:
+            await asyncio.shield(write)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await asyncio.wait({write})  # the store's own timeouts bound it
+            task = asyncio.current_task()
+            assert task is not None
+            task.cancel()
+            return None
+        except Exception as exc:
+            return exc
+        self.saved.update(item.id for item in items)
+        return None
+
+    async def _write(self, items: list[Any]) -> None:
+        save_checkpoint = getattr(self.server.store, "save_checkpoint")  # noqa: B009 (not in Store)
+        for item in items:
+            await save_checkpoint(item.thread_id, item, self.context)
+
+
+def _has_text(item: Any) -> bool:
+    return any(getattr(part, "text", "").strip() for part in item.content)
+
+
+async def checkpointed_stream(
+    server: ChatKitServer[Any], request: StreamingReq, context: Any, interval: float
+) -> AsyncGenerator[bytes, None]:
+    """The SDK's ``_process_streaming``, saving the reply every ``interval`` seconds.
+
+    Same bytes, logging and cancellation as the SDK's. Between two events, once
+    ``interval`` has passed since the last checkpoint and the text changed, the
+    assistant message in flight is saved (``store.save_checkpoint``, awaited:
+    one write per interval per stream, never per event). When that write fails,
+    the store is down and nothing more of the reply could be kept: ChatKit's
+    stream is closed and an error event ends the response at once, instead of
+    streaming text that would be lost. A reply ChatKit ended with an error has
+    its checkpoint brought up to date once more (its final save).
+    """
+    checkpoints = _Checkpoints(server, context, interval)
+    events = server._process_streaming_impl(request, context)
+    try:
+        async for event in events:
+            yield b"data: " + server._serialize(event) + b"\n\n"
+            checkpoints.track(event)
+            if checkpoints.due_now():
+                failed = await checkpoints.save()
+                if failed is not None:
+                    await _close_quietly(events.aclose())
+                    logger.warning("ChatKit reply checkpoint failed; ending the stream: %s", failed)
+                    error = ErrorEvent(code=ErrorCode.STREAM_ERROR, allow_retry=True)
+                    yield b"data: " + server._serialize(error) + b"\n\n"
+                    return
+    except asyncio.CancelledError:
+        raise  # as the SDK: cancellation is not an error
+    except Exception:
+        sdk_logger.exception("Error while generating streamed response")
+        raise
+    if checkpoints.saved and checkpoints.changed:  # ended without a final save (an error)
+        failed = await checkpoints.save(only_saved=True)
+        if failed is not None:
+            logger.warning("ChatKit reply checkpoint failed at the end of a stream: %s", failed)
+
+
+async def _close_quietly(closing: Awaitable[None]) -> None:
+    # Closing ChatKit's generator runs respond()'s cleanup; its errors are not ours.
+    try:
+        await closing
+    except Exception:
+        logger.debug("closing ChatKit's stream after a failed checkpoint", exc_info=True)

@@ -1,0 +1,201 @@
+"""Replies survive a crash: checkpoints of a streaming reply (CHATKIT_CHECKPOINT_SECONDS).
+
+Fails when: a checkpoint is not written while the reply streams, is written under
+another id than the one the client saw, the final item does not replace it (two rows,
+a DuplicateIdError, the checkpoint's short text kept), a checkpoint overwrites a final
+item, checkpoints happen per event instead of per interval, or a failing checkpoint
+write lets the reply stream on to its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from chatkit.types import AssistantMessageContent, AssistantMessageItem
+from sqlalchemy import exc as sa_exc
+
+from flask_chatkit import RequestContext, SQLAlchemyStore
+from flask_chatkit.storage.sql import CHECKPOINT_FLAG, DuplicateIdError
+from tests.apps import create_test_app
+from tests.http_client import create_request
+
+CTX = RequestContext(user_id="ada")
+
+
+def reply(text: str, item_id: str = "msg_1", thread_id: str = "thr_1") -> AssistantMessageItem:
+    return AssistantMessageItem(
+        id=item_id, thread_id=thread_id, created_at=datetime(2024, 1, 1),
+        content=[AssistantMessageContent(text=text)],
+    )
+
+
+def test_checkpoint_rows_are_replaced_by_the_final_item(sql_store: SQLAlchemyStore) -> None:
+    asyncio.run(_replaced_by_the_final_item(sql_store))
+
+
+async def _replaced_by_the_final_item(sql_store: SQLAlchemyStore) -> None:
+    await sql_store.save_checkpoint("thr_1", reply("w0 "), CTX)
+    await sql_store.save_checkpoint("thr_1", reply("w0 w1 "), CTX)  # the same row, updated
+    page = await sql_store.load_thread_items("thr_1", None, 10, "asc", CTX)
+    assert [(i.id, i.content[0].text) for i in page.data] == [("msg_1", "w0 w1 ")]
+    # The final add replaces the checkpoint: one row, the full text, no flag left.
+    await sql_store.add_thread_item("thr_1", reply("w0 w1 w2 "), CTX)
+    page = await sql_store.load_thread_items("thr_1", None, 10, "asc", CTX)
+    assert [(i.id, i.content[0].text) for i in page.data] == [("msg_1", "w0 w1 w2 ")]
+    with sql_store.engine.connect() as conn:
+        payloads = [p for (p,) in conn.exec_driver_sql("SELECT payload FROM chatkit_items")]
+    assert len(payloads) == 1
+    payload = payloads[0] if isinstance(payloads[0], dict) else json.loads(payloads[0])
+    assert CHECKPOINT_FLAG not in payload
+    # A final row is final: another add still clashes, a late checkpoint changes nothing.
+    with pytest.raises(DuplicateIdError):
+        await sql_store.add_thread_item("thr_1", reply("other"), CTX)
+    await sql_store.save_checkpoint("thr_1", reply("w0 "), CTX)
+    item = await sql_store.load_item("thr_1", "msg_1", CTX)
+    assert item.content[0].text == "w0 w1 w2 "
+    # Another owner's checkpoint with the same ids is another row.
+    await sql_store.save_checkpoint("thr_1", reply("bob's"), RequestContext(user_id="bob"))
+    assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "w0 w1 w2 "
+
+
+def test_save_item_over_a_checkpoint_clears_it(sql_store: SQLAlchemyStore) -> None:
+    asyncio.run(_save_item_clears(sql_store))
+
+
+async def _save_item_clears(sql_store: SQLAlchemyStore) -> None:
+    await sql_store.save_checkpoint("thr_1", reply("w0 "), CTX)
+    await sql_store.save_item("thr_1", reply("replaced"), CTX)
+    await sql_store.save_checkpoint("thr_1", reply("late"), CTX)  # no longer a checkpoint
+    assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "replaced"
+
+
+# -- through the Flask view ---------------------------------------------------------
+
+
+def sse(chunk: bytes) -> list[dict[str, Any]]:
+    return [json.loads(line[5:]) for line in chunk.split(b"\n") if line.startswith(b"data:")]
+
+
+def stored_items(db: Path, thread_id: str) -> list[tuple[str, str, dict[str, Any]]]:
+    """(id, type, payload) of a thread's item rows, read on a connection of our own."""
+    with sqlite3.connect(db, timeout=10) as conn:
+        rows = conn.execute(
+            "SELECT id, payload FROM chatkit_items WHERE thread_id = ? ORDER BY seq", (thread_id,)
+        ).fetchall()
+    return [(i, json.loads(p)["type"], json.loads(p)) for i, p in rows]
+
+
+def reply_done(events: list[dict[str, Any]]) -> bool:
+    return any(e["type"] == "thread.item.done" and e["item"]["type"] == "assistant_message"
+               for e in events)
+
+
+def text_of(payload: dict[str, Any]) -> str:
+    return "".join(part.get("text", "") for part in payload.get("content", []))
+
+
+def words(count: int) -> str:
+    return "".join(f"w{n} " for n in range(count))
+
+
+def start_stream(tmp_path: Path, text: str, store: Any = None, **config: Any) -> tuple[Any, Any]:
+    db = tmp_path / "ckpt.sqlite3"
+    if store is not None:
+        store = store(f"sqlite:///{db}")
+    app = create_test_app(
+        store=store, instance_path=str(tmp_path / "instance"),
+        CHATKIT_DATABASE_URL=f"sqlite:///{db}", **config,
+    )
+    client = app.test_client()
+    assert client.post("/login/ada").status_code == 200
+    response = client.post("/chatkit", json=create_request(text), buffered=False)
+    assert response.status_code == 200
+    return response, iter(response.response)
+
+
+def test_a_streaming_reply_is_checkpointed_under_the_id_the_client_saw(tmp_path: Path) -> None:
+    db = tmp_path / "ckpt.sqlite3"
+    response, chunks = start_stream(
+        tmp_path, "words=40 delay=0.05", CHATKIT_CHECKPOINT_SECONDS=0.3
+    )
+    events: list[dict[str, Any]] = []
+    seen: list[tuple[float, str]] = []  # (when, stored text) each time the stored text changed
+    started = time.monotonic()
+    for chunk in chunks:
+        events += sse(chunk)
+        added = [e for e in events if e["type"] == "thread.item.added"
+                 and e["item"]["type"] == "assistant_message"]
+        thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
+        if added and not reply_done(events):
+            rows = [r for r in stored_items(db, thread_id) if r[1] == "assistant_message"]
+            # The reader lags behind the stream: the final row may already be there.
+            if rows and rows[0][2].get(CHECKPOINT_FLAG):
+                # Mid-stream: the partial text, under the id of thread.item.added.
+                assert [r[0] for r in rows] == [added[0]["item"]["id"]]
+                if not seen or seen[-1][1] != text_of(rows[0][2]):
+                    seen.append((time.monotonic() - started, text_of(rows[0][2])))
+    response.close()
+    full = words(40)
+    # Several checkpoints, each a prefix of the reply, none the whole of it; about one
+    # per 0.3 s over a 2 s reply (per event would be 40).
+    assert 3 <= len(seen) <= 10, seen
+    assert all(full.startswith(text) and 0 < len(text) < len(full) for _, text in seen), seen
+    # The final item replaced the checkpoint: one row, the full text, no flag.
+    rows = stored_items(db, thread_id)
+    assert [r[1] for r in rows] == ["user_message", "assistant_message"]
+    assert rows[1][0] == added[0]["item"]["id"]
+    assert text_of(rows[1][2]) == full and CHECKPOINT_FLAG not in rows[1][2]
+
+
+def test_checkpoints_off_write_nothing_mid_stream(tmp_path: Path) -> None:
+    db = tmp_path / "ckpt.sqlite3"
+    response, chunks = start_stream(tmp_path, "words=20 delay=0.05", CHATKIT_CHECKPOINT_SECONDS=0)
+    mid_stream: list[str] = []  # texts of assistant rows seen while the reply streamed
+    reads = 0
+    events: list[dict[str, Any]] = []
+    for chunk in chunks:
+        events += sse(chunk)
+        thread = [e["thread"]["id"] for e in events if e["type"] == "thread.created"]
+        if thread and not reply_done(events):
+            reads += 1
+            rows = stored_items(db, thread[0])
+            mid_stream += [text_of(r[2]) for r in rows if r[1] == "assistant_message"]
+    response.close()
+    # Only ever the final row (the reader lags behind the stream), never a partial one.
+    assert reads >= 10 and set(mid_stream) <= {words(20)}, mid_stream
+
+
+class FailingCheckpoints(SQLAlchemyStore):
+    """The database goes away once a reply has been checkpointed twice."""
+
+    checkpoints = 0
+
+    async def save_checkpoint(self, thread_id: str, item: Any, context: Any) -> None:
+        self.checkpoints += 1
+        if self.checkpoints > 2:
+            raise sa_exc.OperationalError("INSERT", {}, ConnectionError("server closed"))
+        await super().save_checkpoint(thread_id, item, context)
+
+
+def test_a_failing_checkpoint_ends_the_stream_with_an_error(tmp_path: Path) -> None:
+    # 200 words 0.05 s apart would stream for 10 s; checkpoints every 0.2 s.
+    response, chunks = start_stream(
+        tmp_path, "words=200 delay=0.05", store=FailingCheckpoints, CHATKIT_CHECKPOINT_SECONDS=0.2
+    )
+    started = time.monotonic()
+    events = [e for chunk in chunks for e in sse(chunk)]
+    took = time.monotonic() - started
+    response.close()
+    # The third checkpoint (~0.6 s) fails: the stream ends then, with an error event.
+    assert took < 2.5, took  # 4x the ~0.6 s it takes
+    assert events[-1]["type"] == "error", events[-3:]
+    deltas = [e for e in events if e["type"] == "thread.item.updated"]
+    assert 5 <= len(deltas) < 40, len(deltas)
+    assert not reply_done(events)
