@@ -1,14 +1,17 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
+from flask_chatkit.bridge.loop import LoopThread
 from flask_chatkit.testing import ChatKitClient
 
+from . import helpers
 from .apps import create_test_app
 from .components import SKIP_TAG, under_ci
 from .memory_store import MemoryStore
@@ -65,13 +68,32 @@ def client(app: Flask) -> FlaskClient:
 
 
 @pytest.fixture
-def alice(client: FlaskClient) -> Iterator[ChatKitClient]:
-    assert client.post("/login/alice").status_code == 200
-    yield ChatKitClient(client)
+def login_as(app: Flask) -> Callable[[str], ChatKitClient]:
+    """``login_as("ada")``: a new test client of ``app``, logged in, as a ChatKitClient."""
+    return lambda user: helpers.login_as(app, user)
 
 
 @pytest.fixture
-def bob(app: Flask) -> ChatKitClient:
-    other = app.test_client()
-    assert other.post("/login/bob").status_code == 200
-    return ChatKitClient(other)
+def alice(client: FlaskClient) -> ChatKitClient:
+    return helpers.login_as(client, "alice")
+
+
+@pytest.fixture
+def bob(login_as: Callable[[str], ChatKitClient]) -> ChatKitClient:
+    return login_as("bob")
+
+
+@pytest.fixture
+def sqlite_app(tmp_path: Path) -> Callable[..., Flask]:
+    """``sqlite_app(**config)``: the test app on a SQLite file in ``tmp_path``."""
+    return lambda **config: helpers.sqlite_app(tmp_path, **config)
+
+
+@pytest.fixture(scope="module")
+def loop_thread() -> Iterator[LoopThread]:
+    """The extension's event-loop thread, for unit tests of the bridge; shut down after."""
+    thread = LoopThread()
+    try:
+        yield thread
+    finally:
+        thread.shutdown()

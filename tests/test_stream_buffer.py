@@ -5,22 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator
-
-import pytest
+from collections.abc import AsyncIterator
 
 from flask_chatkit.bridge.loop import LoopThread
 from flask_chatkit.bridge.stream import Stream
 
 CHUNK = b"x" * 10_000
 BOUND = 50_000
-
-
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.shutdown()
 
 
 class Source:
