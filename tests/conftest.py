@@ -11,12 +11,22 @@ from flask.testing import FlaskClient
 from flask_chatkit.bridge.loop import LoopThread
 from flask_chatkit.testing import ChatKitClient
 
+from . import gunicorn as gunicorn_helpers
 from . import helpers
 from .apps import create_test_app
 from .components import SKIP_TAG, under_ci
 from .memory_store import MemoryStore
 
 pytest_plugins = ["tests.pg", "tests.s3"]
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    # start_gunicorn / start_flask_run refuse to run in a test without `integration`.
+    gunicorn_helpers.current_test_markers = {mark.name for mark in item.iter_markers()}
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    gunicorn_helpers.current_test_markers = None
+
 
 # -- CI: a component that could not start fails the run (tests/components.py) ----------
 

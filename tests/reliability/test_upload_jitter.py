@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.gunicorn import start_gunicorn
-from tests.upload_client import release, start_uploads
+from tests.upload_client import release, start_uploads, stop_all, wait_started
 
 from .conftest import APP_SPEC, DELTA, StreamReader, abort, login, raw_request, user_input
 
@@ -102,7 +102,11 @@ def test_stream_gap_stays_small_during_uploads(
         source = tmp_path / "payload.bin"
         source.write_bytes(payload)
         uploaders = start_uploads(f"{app.url}/chatkit/attachments", str(source), UPLOADS, cookie)
-        time.sleep(0.5)  # their interpreters have started
+        try:
+            wait_started(uploaders)  # every interpreter is up and waiting
+        except BaseException:
+            stop_all(uploaders)
+            raise
         started = time.monotonic()
         statuses = release(uploaders, timeout=150)
         finished = time.monotonic()
