@@ -56,8 +56,13 @@ class S3Server:
         return sorted(entry["Key"] for entry in answer.get("Contents", []))
 
 
-def start_s3_server(log_dir: Path, timeout: float = 30.0) -> S3Server:
-    """``python -m moto.server`` on 127.0.0.1:<free port>; waits until it answers."""
+def start_s3_server(
+    log_dir: Path, timeout: float = 30.0, extra_env: dict[str, str] | None = None
+) -> S3Server:
+    """``python -m moto.server`` on 127.0.0.1:<free port>; waits until it answers.
+
+    ``extra_env`` configures moto itself, e.g. ``INITIAL_NO_AUTH_ACTION_COUNT=N``:
+    after N requests it checks credentials (and refuses unknown ones)."""
     port = free_port()
     log_path = log_dir / f"moto-{port}.log"
     endpoint = f"http://127.0.0.1:{port}"
@@ -66,6 +71,7 @@ def start_s3_server(log_dir: Path, timeout: float = 30.0) -> S3Server:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **(extra_env or {})},
             # A real bucket is another machine; this one shares our few cores. Lower
             # its priority so timing tests measure the app server, not moto's CPU use.
             preexec_fn=lambda: os.nice(19),  # stands for a storage service on other machines
@@ -75,7 +81,8 @@ def start_s3_server(log_dir: Path, timeout: float = 30.0) -> S3Server:
         if proc.poll() is not None:
             raise RuntimeError(f"moto server exited with {proc.returncode}: {log_path.read_text()}")
         try:
-            if requests.get(endpoint, timeout=1).status_code < 500:
+            # moto's own API: answered without credentials, counted as no S3 action
+            if requests.get(f"{endpoint}/moto-api/data.json", timeout=1).status_code < 500:
                 break
         except requests.RequestException:
             time.sleep(0.1)
