@@ -3,7 +3,7 @@
 One ``gunicorn -k gevent`` worker streams a reply (a delta every 10 ms) while
 eight clients upload 20 MiB each through the direct-upload route, to disk and
 to S3 (a real moto server process). Disk writes, fsync and boto3 calls run on
-native threads, so the largest gap between two deltas must stay ≤ 50 ms.
+native threads, so the largest gap between two deltas must stay ≤ 200 ms.
 Every upload must succeed and land whole.
 """
 
@@ -27,7 +27,10 @@ from .conftest import APP_SPEC, DELTA, StreamReader, abort, login, raw_request, 
 
 UPLOADS = 8
 SIZE = 20 * 1024 * 1024
-MAX_GAP = 0.050
+# Idle: ~28 ms (a delta every 10 ms). A 20 MiB write, fsync or boto3 call run on the
+# hub instead holds every stream for its whole duration (hundreds of ms to seconds);
+# this bound leaves room for two busy processes beside the suite.
+MAX_GAP = 0.200
 
 
 @contextlib.contextmanager
