@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-min dist lint bench system-deps clean
+.PHONY: run test test-min test-stress dist lint bench system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ lint: $(STAMP)
 test: $(STAMP) system-deps lint
 	$(BIN)/pytest
 	$(MAKE) test-min
+
+# The pytest suite with two busy loops beside it (nice 0, like any other process), as a
+# shared 2-core CI machine runs it: a timing bound without margin fails here. The loops
+# are bounded (STRESS_MAX_SECONDS) and killed when pytest ends, on every path.
+STRESS_MAX_SECONDS ?= 3600
+test-stress: $(STAMP) system-deps
+	bash scripts/test-stress.sh $(STRESS_MAX_SECONDS)
 
 # The unit tests against the lowest versions pyproject.toml allows (scripts/test-min.sh),
 # on every Python 3.1x Debian provides here (override: make test-min MIN_PYTHONS=python3.12).
