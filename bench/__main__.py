@@ -2,7 +2,7 @@
 
     python -m bench             # the full run (< 15 minutes), writes bench/RESULTS.md
     python -m bench --quick     # smoke test: small N, short runs
-    python -m bench --only A,C  # a selection (A-E; F store, S sync stall, U uploads)
+    python -m bench --only A,C  # a selection (A-E; P PostgreSQL, F store, S sync stall, U uploads)
 """
 
 from __future__ import annotations

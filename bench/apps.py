@@ -14,7 +14,7 @@ same fixed-user context. Environment:
                         (default: the store's own engine, 5 + 10 overflow)
 ``BENCH_FIX_ADAPTER``   "1": FastAPI host with ChatKit's per-request
                         ``TypeAdapter(ChatKitReq)`` cached (the fix the
-                        flask host has in ``flask_chatkit.web.protocol``)
+                        flask host has in ``flask_chatkit.web.endpoint``)
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def make_store() -> SQLAlchemyStore:
         import sys
 
         sys.setswitchinterval(float(os.environ["BENCH_SWITCH_INTERVAL"]))
-    url = "sqlite:///" + os.environ["BENCH_DB"]
+    url = os.environ.get("BENCH_DB_URL") or "sqlite:///" + os.environ["BENCH_DB"]
     delay = float(os.environ.get("BENCH_STORE_DELAY", "0") or 0)
     pool_size = int(os.environ.get("BENCH_POOL_SIZE", "0") or 0)
     bind: Any = url

@@ -124,7 +124,9 @@ def _wait_ready(
 
 
 @contextmanager
-def run_server(name: str, store_delay: float = 0.0) -> Iterator[Server]:
+def run_server(
+    name: str, store_delay: float = 0.0, db_url: str | None = None
+) -> Iterator[Server]:
     if name not in HOSTS:
         raise ValueError(f"unknown host {name!r}")
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
@@ -135,6 +137,7 @@ def run_server(name: str, store_delay: float = 0.0) -> Iterator[Server]:
             **os.environ,
             "PYTHONPATH": str(ROOT),
             "BENCH_DB": str(db_path),
+            "BENCH_DB_URL": db_url or "",  # a database of its own per host (PostgreSQL)
             "BENCH_STORE_DELAY": str(store_delay),
             "BENCH_FIX_ADAPTER": "1" if name == "uvicorn-fixed" else "0",
         }
@@ -158,6 +161,10 @@ def run_server(name: str, store_delay: float = 0.0) -> Iterator[Server]:
 
 
 @contextmanager
-def run_servers(names: list[str], store_delay: float = 0.0) -> Iterator[dict[str, Server]]:
+def run_servers(
+    names: list[str], store_delay: float = 0.0, db_urls: dict[str, str] | None = None
+) -> Iterator[dict[str, Server]]:
+    """``db_urls`` gives a host its database URL (default: a temp SQLite file of its own)."""
+    urls = db_urls or {}
     with ExitStack() as stack:
-        yield {n: stack.enter_context(run_server(n, store_delay)) for n in names}
+        yield {n: stack.enter_context(run_server(n, store_delay, urls.get(n))) for n in names}

@@ -9,7 +9,7 @@ from .context import RequestContext
 from .extension import ChatKit
 from .storage.disk import AttachmentStorage, DiskStorage
 from .storage.sql import SQLAlchemyStore
-from .web.peek import MESSAGE_REQUEST_TYPES, chatkit_request_type, is_message_request
+from .web.request_body import MESSAGE_REQUEST_TYPES, chatkit_request_type, is_message_request
 
 __all__ = [
     "MESSAGE_REQUEST_TYPES",

@@ -26,7 +26,7 @@ checks the object (409 until it is there; a mismatching object is deleted).
 
 URLs are never stored absolute: rows and items keep ``chatkit-app:///…`` paths
 relative to the blueprint, made absolute as responses are served
-(:mod:`flask_chatkit.web.urls`).
+(made absolute when served, by :mod:`flask_chatkit.web.response`).
 
 Limits and allowed types default to the app's ``CHATKIT_*`` settings, read at
 request time, so one ``FileAttachmentStore`` may serve several apps.
@@ -55,6 +55,7 @@ from flask import Flask, current_app, has_app_context
 from pydantic import AnyUrl
 
 from .config import Settings, read_settings
+from .errors import ChatKitHTTPException
 from .storage.disk import (
     AttachmentStorage,
     DiskStorage,
@@ -62,8 +63,21 @@ from .storage.disk import (
     StorageUnavailable,
     is_valid_attachment_id,
 )
-from .web.errors import ChatKitHTTPException
-from .web.urls import content_url, upload_url
+
+# Attachments (and the messages that carry them) are stored with URLs relative to
+# the blueprint; each response makes them absolute on a trusted base
+# (web/response.py), so a forged Host header never reaches the database and a new
+# domain needs no data migration.
+APP_URL = "chatkit-app:///"
+
+
+def content_url(attachment_id: str) -> str:
+    return f"{APP_URL}attachments/{attachment_id}/content"
+
+
+def upload_url(attachment_id: str) -> str:
+    return f"{APP_URL}attachments/{attachment_id}/upload"
+
 
 logger = logging.getLogger("flask_chatkit")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from flask import Request, current_app, g, session
 
-from .web.errors import ChatKitHTTPException
+from .errors import ChatKitHTTPException
 
 ContextLoader = Callable[[Request, dict[str, Any]], Any]
 

@@ -58,6 +58,41 @@ class ChatKit:
         return loader
 
     def init_app(self, app: Flask) -> None:
+        """Register flask-chatkit on ``app``: read its config, build the server and stores.
+
+        Every key below is read once, here, with ``app.config.setdefault`` (so set them
+        before calling this); a bad value raises :class:`ValueError`. The documentation's
+        configuration page gives each key's type, default and meaning.
+
+        - ``CHATKIT_URL_PREFIX``: where the blueprint is mounted (``"/chatkit"``).
+        - ``CHATKIT_DATABASE_URL``: the default store's SQLAlchemy URL (SQLite in
+          ``app.instance_path``); unused when a ``store`` was given.
+        - ``CHATKIT_LOGIN_REQUIRED``: 401 without a Flask-Login user (``True``).
+        - ``CHATKIT_ALLOWED_ORIGINS``: origins besides the app's own that may call (``[]``).
+        - ``CHATKIT_PUBLIC_URL``: trusted base of absolute URLs handed to clients.
+        - ``CHATKIT_CONSOLE``: serve the protocol console (``False``; on with ``app.debug``).
+        - ``CHATKIT_HEALTH``: serve ``<prefix>/health`` (``True``).
+        - ``CHATKIT_MAX_REQUEST_BYTES``: request body limit (4 MiB; 413).
+        - ``CHATKIT_MAX_METADATA_BYTES``: serialized ``metadata`` limit (16 KiB; 413).
+        - ``CHATKIT_MAX_PAGE_SIZE``: page ``limit`` clamp (100).
+        - ``CHATKIT_BODY_TIMEOUT``: seconds to receive a JSON body (30; 408).
+        - ``CHATKIT_MAX_STREAMS_PER_USER``: open streams per user and worker (20; 429).
+        - ``CHATKIT_HEARTBEAT_SECONDS``: ``: ping`` after this much silence (15; 0 = off).
+        - ``CHATKIT_ON_DISCONNECT``: ``"cancel"`` (default) or ``"finish"`` a gone client's reply.
+        - ``CHATKIT_CANCEL_TIMEOUT``: seconds a cancelled reply gets to save (10).
+        - ``CHATKIT_CHECKPOINT_SECONDS``: save a streaming reply this often (2; 0 = off).
+        - ``CHATKIT_CREATE_TABLES``: create the store's tables on first use (``True``).
+        - ``CHATKIT_ATTACHMENTS_DIR``: attachment files on disk (``instance/chatkit-attachments``).
+        - ``CHATKIT_ATTACHMENTS_URL``: ``s3://bucket/prefix`` for S3 instead of disk.
+        - ``CHATKIT_MAX_ATTACHMENT_BYTES``: per-file limit (20 MiB; 413).
+        - ``CHATKIT_MAX_PENDING_ATTACHMENT_BYTES``: a user's uploaded, unsent bytes (256 MiB; 413).
+        - ``CHATKIT_ALLOWED_MIME_TYPES``: accepted attachment types (images, PDF, text; 415).
+        - ``CHATKIT_OTEL_RECORD_OWNER``: the owner key on spans (``False``: personal data).
+
+        It also stores the extension's state in ``app.extensions["chatkit"]``, registers
+        the ``chatkit`` blueprint and adds the ``flask chatkit`` commands. Registering the
+        same app twice raises :class:`RuntimeError`.
+        """
         if "chatkit" in app.extensions:
             raise RuntimeError("flask-chatkit is already registered on this app.")
         self._check_server_cls()

@@ -31,20 +31,38 @@ never breaks a request or a stream.
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
-from blinker import NamedSignal, Namespace
-
-logger = logging.getLogger("flask_chatkit")
+from blinker import Namespace
 
 _signals = Namespace()
 
+#: Sent for every ChatKit request, before ChatKit runs (also before its ownership checks
+#: answer a 404). Keyword arguments: ``op`` (the request type, e.g. ``"threads.create"``)
+#: and ``context`` (what the context loader returned).
 request_received = _signals.signal("chatkit-request-received")
+
+#: Sent when a streaming reply's first byte is about to be sent. Keyword arguments:
+#: ``op``, ``thread_id`` (for ``threads.create``, the new thread's) and ``context``.
 stream_started = _signals.signal("chatkit-stream-started")
+
+#: Sent when a streaming reply ended normally. Keyword arguments: ``op``, ``thread_id``,
+#: ``context``, ``events`` (the ChatKit events sent to the client) and ``duration``
+#: (seconds from the request to the end of the stream). With
+#: ``CHATKIT_ON_DISCONNECT = "finish"``, a reply whose client left is reported when it
+#: really ends, from a background thread with the app context pushed (no ``request``).
 stream_finished = _signals.signal("chatkit-stream-finished")
+
+#: Sent when the client left (or the worker stopped) and the reply was cancelled; ChatKit
+#: has saved the partial reply. Keyword arguments: as :data:`stream_finished`.
 stream_cancelled = _signals.signal("chatkit-stream-cancelled")
+
+#: Sent when an error happened after the stream began (the client got an ``error``
+#: event). Keyword arguments: as :data:`stream_finished`, plus ``exc``: the exception
+#: raised in ``respond``, or, when ChatKit turned a ``StreamError`` into the error event
+#: itself, an object with that event's ``code`` and ``message``.
 stream_failed = _signals.signal("chatkit-stream-failed")
+
+#: Sent when an upload route stored an attachment's bytes. Keyword arguments:
+#: ``attachment_id``, ``size`` (bytes) and ``context``.
 attachment_stored = _signals.signal("chatkit-attachment-stored")
 
 __all__ = [
@@ -56,13 +74,3 @@ __all__ = [
     "stream_started",
 ]
 
-
-def send(signal: NamedSignal, sender: Any, **kwargs: Any) -> None:
-    """Call each receiver; one that raises is logged and the others still run."""
-    if not signal.receivers:  # the common case: nothing connected, nothing to do
-        return
-    for receiver in signal.receivers_for(sender):
-        try:
-            receiver(sender, **kwargs)
-        except Exception:
-            logger.exception("receiver %r of signal %r failed", receiver, signal.name)

@@ -13,8 +13,8 @@ from .bridge.loop import LoopThread
 from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
+from .misconfig import LogOnce, login_problem, missing_tables_problem, schema_problem
 from .storage.version import SchemaOutdated
-from .web.misconfig import LogOnce, login_problem, missing_tables_problem, schema_problem
 
 if TYPE_CHECKING:
     from .extension import ChatKit

@@ -1,4 +1,5 @@
-"""The README's python code blocks and the markers that say what the tests do with them.
+"""The python code blocks of the README and the docs, and the markers that say what the
+tests do with them (tests/test_readme.py, tests/test_docs.py).
 
 A marker is an HTML comment on the line before the opening fence:
 ``<!-- readme-test: quickstart -->`` (the one complete app, run as ``app.py``),
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
 
 MARKERS = {
     "<!-- readme-test: quickstart -->": "quickstart",
@@ -27,7 +32,7 @@ MARKERS = {
 }
 FENCE = re.compile(r"^```python\s*$")
 UNMARKED_HELP = (
-    "every ```python block in README.md must be run by tests/test_readme.py or marked as a "
+    "every ```python block in README.md and docs/ must be run by the tests or marked as a "
     "fragment. Put one of these on the line right before the opening fence: "
     "'<!-- fragment -->' (an excerpt that needs code around it), "
     "'<!-- readme-test: run -->' (a self-contained block: the test executes it next to the "
@@ -58,6 +63,26 @@ def python_blocks(text: str | None = None) -> list[Block]:
             index = end
         index += 1
     return blocks
+
+
+def doc_pages() -> list[Path]:
+    """Every Markdown page of the docs site."""
+    return sorted(p for p in DOCS.rglob("*.md") if "_build" not in p.parts)
+
+
+def run_block(block: Block, origin: str) -> list[str]:
+    """Execute a ``run`` block and call every ``test_*`` function it defines.
+
+    Runs in the current directory and ``sys.path``, so a test that prepared the
+    Quickstart's ``app.py`` there lets the block ``from app import app``. Returns the
+    names of the functions called.
+    """
+    namespace: dict[str, Any] = {"__name__": f"block_{block.line}"}
+    exec(compile(block.code, f"{origin}:{block.line}", "exec"), namespace)
+    tests = [v for k, v in namespace.items() if k.startswith("test_") and callable(v)]
+    for test in tests:
+        test()
+    return [f"{origin}:{block.line}:{test.__name__}" for test in tests]
 
 
 def quickstart_code() -> str:
@@ -109,3 +134,17 @@ def _chat(
             if event["type"] == "thread.item.done" and event["item"]["type"] == "assistant_message":
                 done = event["item"]["content"][0]["text"]
     return done, arrivals
+
+
+@pytest.fixture(name="quickstart_dir")
+def quickstart_dir_fixture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A temp dir holding the Quickstart as ``app.py``, importable as ``app``."""
+    folder = tmp_path / "quickstart"
+    folder.mkdir()
+    (folder / "app.py").write_text(quickstart_code())
+    monkeypatch.syspath_prepend(str(folder))
+    monkeypatch.chdir(folder)
+    for name in ("app", "test_app"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    yield folder
+    sys.modules.pop("app", None)

@@ -18,7 +18,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import event
 
 from flask_chatkit.testing import ChatKitClient
-from flask_chatkit.web.protocol import MAX_ITEM_IDS
+from flask_chatkit.web.checks import MAX_ITEM_IDS
 
 from .apps import ScriptedServer, create_test_app
 from .test_endpoint import assert_json_error, post, thread_id_of

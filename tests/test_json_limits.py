@@ -18,8 +18,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from flask_chatkit.testing import ChatKitClient
-from flask_chatkit.web.json_limits import BYTES_PER_JSON_VALUE
-from flask_chatkit.web.protocol import parse_request
+from flask_chatkit.web.request_body import BYTES_PER_JSON_VALUE, parse_request
 
 from .test_endpoint import assert_json_error, post
 
@@ -134,7 +133,7 @@ def test_serialized_metadata_over_the_limit_is_413(
 def test_content_parts_and_attachments_are_capped(
     client: FlaskClient, alice: ChatKitClient
 ) -> None:
-    from flask_chatkit.web.protocol import MAX_CONTENT_PARTS, MAX_ITEM_IDS
+    from flask_chatkit.web.checks import MAX_CONTENT_PARTS, MAX_ITEM_IDS
 
     user_input = ChatKitClient._input("hi")
     user_input["content"] = user_input["content"] * (MAX_CONTENT_PARTS + 1)

@@ -10,12 +10,8 @@ import asyncio
 
 import pytest
 
-from flask_chatkit.bridge.lifecycle import (
-    STOP_MARGIN,
-    OpenStreams,
-    StopPlan,
-    find_gunicorn_worker,
-)
+from flask_chatkit.bridge.lifecycle import STOP_MARGIN, StopPlan, find_gunicorn_worker
+from flask_chatkit.bridge.loop import OpenStreams
 
 
 @pytest.mark.parametrize(

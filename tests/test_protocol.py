@@ -15,7 +15,8 @@ import pytest
 from chatkit.server import NonStreamingResult, StreamingResult
 
 from flask_chatkit import RequestContext
-from flask_chatkit.web.protocol import parse_request, process_parsed
+from flask_chatkit.web.endpoint import process as process_parsed
+from flask_chatkit.web.request_body import parse_request
 
 from .apps import ScriptedServer, create_test_app
 from .memory_store import MemoryStore

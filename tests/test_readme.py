@@ -4,7 +4,8 @@ The Quickstart is imported with the Flask test client, then served by a real
 ``gunicorn -k gevent app:app`` and by ``flask --app app run`` from a temp dir, and
 chats: sign in, stream a reply, check its text. Blocks marked
 ``<!-- readme-test: run -->`` are executed next to that ``app.py``; every other python
-block must be marked ``<!-- fragment -->`` (see tests/readme_blocks.py).
+block must be marked ``<!-- fragment -->`` (see tests/readme_blocks.py). The docs'
+blocks are run the same way by tests/test_docs.py.
 """
 
 from __future__ import annotations
@@ -13,9 +14,7 @@ import importlib
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,25 +24,12 @@ from .readme_blocks import (
     chat_over_http,
     create_thread_body,
     python_blocks,
-    quickstart_code,
+    quickstart_dir_fixture,  # noqa: F401 (the quickstart_dir fixture)
+    run_block,
 )
 
 FLASK = str(Path(sys.executable).with_name("flask"))
 REPLY = "Hello alice, you said: hi there"
-
-
-@pytest.fixture
-def quickstart_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A temp dir holding the Quickstart as ``app.py``, importable as ``app``."""
-    folder = tmp_path / "quickstart"
-    folder.mkdir()
-    (folder / "app.py").write_text(quickstart_code())
-    monkeypatch.syspath_prepend(str(folder))
-    monkeypatch.chdir(folder)
-    for name in ("app", "test_app"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
-    yield folder
-    sys.modules.pop("app", None)
 
 
 def test_every_python_block_is_run_or_marked() -> None:
@@ -81,17 +67,10 @@ def test_quickstart_with_the_test_client(quickstart_dir: Path) -> None:
 
 
 def test_run_blocks_pass(quickstart_dir: Path) -> None:
-    ran = []
+    # The README keeps only the Quickstart; its tested examples live in docs/ now.
     for block in python_blocks():
-        if block.kind != "run":
-            continue
-        namespace: dict[str, Any] = {"__name__": f"readme_line_{block.line}"}
-        exec(compile(block.code, f"README.md:{block.line}", "exec"), namespace)
-        tests = [v for k, v in namespace.items() if k.startswith("test_") and callable(v)]
-        for test in tests:
-            test()
-            ran.append(f"{block.line}:{test.__name__}")
-    assert ran, "no README block marked <!-- readme-test: run --> defines a test_* function"
+        if block.kind == "run":
+            run_block(block, "README.md")
 
 
 def assert_chats(base_url: str) -> None:

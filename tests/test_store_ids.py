@@ -9,7 +9,6 @@ PostgreSQL (``store_url``).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import json
 import re
 import threading
@@ -25,7 +24,7 @@ import sqlalchemy as sa
 from chatkit.store import StoreItemType, default_generate_id
 from chatkit.types import AssistantMessageContent, AssistantMessageItem, ThreadMetadata
 
-import flask_chatkit.storage.ids as ids
+import flask_chatkit.storage.sql as ids
 from flask_chatkit.storage.sql import DuplicateIdError, SQLAlchemyStore
 
 from .apps import create_test_app
@@ -39,13 +38,6 @@ CLASH = "c1a5" * 8  # the random part every id gets while a test forces a clash
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
-
-
-def in_create_request(store: SQLAlchemyStore, coro: Coroutine[Any, Any, T]) -> T:
-    """Run as the view runs threads.create: the new thread is held until its first item."""
-    ctx = contextvars.copy_context()
-    ctx.run(store.defer_new_thread)
-    return ctx.run(asyncio.run, coro)
 
 
 def msg(tid: str, iid: str, text: str) -> AssistantMessageItem:
@@ -93,27 +85,24 @@ def test_a_new_thread_never_takes_over_an_existing_one(
     with pytest.raises(DuplicateIdError):
         run(store.save_thread(ThreadMetadata(id=new_id, created_at=T0, title="new"), ALICE))
 
-    # ...or by the Flask view's threads.create, written with its first item.
+    # ...or as threads.create does it, followed by its first item.
     async def create() -> None:
         tid = store.generate_thread_id(ALICE)
         await store.save_thread(ThreadMetadata(id=tid, created_at=T0), ALICE)
         await store.add_thread_item(tid, msg(tid, "msg_new", "hijacker"), ALICE)
 
     with pytest.raises(DuplicateIdError):
-        in_create_request(store, create())
+        run(create())
     assert run(store.load_thread(taken, ALICE)).title == "alice's"
     assert texts(store, taken, ALICE) == ["alice's words"]
 
     # Another owner's thread with that id is another row: created, and nothing shared.
-    bob_ctx = contextvars.copy_context()
-    bob_ctx.run(store.defer_new_thread)
-
     async def bob_creates() -> None:
         tid = store.generate_thread_id(BOB)
         await store.save_thread(ThreadMetadata(id=tid, created_at=T0, title="bob's"), BOB)
         await store.add_thread_item(tid, msg(tid, "msg_b", "bob's words"), BOB)
 
-    bob_ctx.run(asyncio.run, bob_creates())
+    run(bob_creates())
     assert run(store.load_thread(taken, BOB)).title == "bob's"
     assert texts(store, taken, BOB) == ["bob's words"]
     assert run(store.load_thread(taken, ALICE)).title == "alice's"
@@ -150,14 +139,18 @@ def test_adding_an_existing_item_id_is_an_error_and_touches_no_other_row(
 
 
 class _GeneratesOneIdTwice(SQLAlchemyStore):
-    """A store whose second new thread gets the first one's id (a forced clash)."""
+    """A store whose every new thread draws the same random id (a forced clash)."""
 
     first_id: str | None = None
 
     def generate_thread_id(self, context: Any) -> str:
-        if self.first_id is None:
-            self.first_id = super().generate_thread_id(context)
-        return self.first_id
+        drawn, ids._random_hex = ids._random_hex, lambda: CLASH
+        try:
+            thread_id = super().generate_thread_id(context)
+        finally:
+            ids._random_hex = drawn
+        self.first_id = self.first_id or thread_id
+        return thread_id
 
 
 def test_threads_create_with_a_clashing_id_fails_and_hijacks_nothing(tmp_path: Path) -> None:
@@ -172,7 +165,8 @@ def test_threads_create_with_a_clashing_id_fails_and_hijacks_nothing(tmp_path: P
             "attachments": [], "inference_options": {}}}}
         return client.post("/chatkit", data=json.dumps(body), content_type="application/json")
 
-    assert create("mine words=1").status_code == 200
+    mine = create("mine words=1")
+    assert mine.status_code == 200 and b"thread.item.done" in mine.get_data()  # read to the end
     tid = store.first_id
     clash = create("hijack words=1")
     assert clash.status_code == 500 and clash.get_json()["error"]["code"] == "internal_error"

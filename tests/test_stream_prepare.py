@@ -6,8 +6,8 @@ import asyncio
 import contextvars
 from collections.abc import AsyncIterator
 
-from flask_chatkit.bridge.loop import Failure, LoopThread
-from flask_chatkit.bridge.stream import Plain, Stream
+from flask_chatkit.bridge.loop import LoopThread, Outcome
+from flask_chatkit.bridge.stream import Stream
 
 _LOOP: LoopThread | None = None
 
@@ -59,15 +59,15 @@ def test_a_failing_prepare_reaches_the_reader_before_any_byte(loop_thread: LoopT
     stream = new_stream(loop_thread)
     stream.start(prepare)
     first = stream.first()
-    assert isinstance(first, Failure) and isinstance(first.exc, LookupError)
+    assert isinstance(first, Outcome) and isinstance(first.error, LookupError)
 
 
 def test_a_plain_result_ends_the_stream_at_once(loop_thread: LoopThread) -> None:
-    async def prepare() -> Plain:
-        return Plain({"ok": True})
+    async def prepare() -> Outcome:
+        return Outcome({"ok": True})
 
     stream = new_stream(loop_thread)
     stream.start(prepare)
     first = stream.first()
-    assert first == Plain({"ok": True})
+    assert first == Outcome({"ok": True})
     assert list(stream) == []

@@ -78,35 +78,6 @@ class StopPlan:
         )
 
 
-class OpenStreams:
-    """The pump tasks of one loop's open streams; used on that loop's thread only."""
-
-    def __init__(self) -> None:
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self.closing = False  # the worker is stopping: streams started now are cancelled too
-
-    def __len__(self) -> int:
-        return len(self._tasks)
-
-    def add(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        if self.closing:
-            # call_soon: let the task take its first step, so its own handlers run.
-            asyncio.get_running_loop().call_soon(task.cancel)
-
-    async def cancel_all(self, timeout: float) -> tuple[int, int]:
-        """Cancel every open stream and wait (bounded); returns (cancelled, unfinished)."""
-        self.closing = True
-        tasks = [task for task in self._tasks if not task.done()]
-        for task in tasks:
-            task.cancel()
-        if not tasks:
-            return 0, 0
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
-        return len(tasks), len(pending)
-
-
 def find_gunicorn_worker() -> Any | None:
     """The gunicorn worker this process is, found through its SIGTERM handler."""
     base = sys.modules.get("gunicorn.workers.base")

@@ -3,7 +3,13 @@
 One asyncio event loop per worker process runs forever on a native OS thread
 (never a greenlet). Request handlers hand coroutines to it and wait on a
 *channel* that wakes exactly the waiting greenlet (gevent) or thread (sync,
-gthread, dev server), so a worker serves many streams at once.
+gthread, dev server), so a worker serves many streams at once. What comes back
+is an :class:`Outcome`: the coroutine's value or the exception it raised.
+
+:func:`run_inline` is the other way to run a coroutine: on the caller's own
+greenlet or thread, with no loop at all, for coroutines that never wait on one
+(see ``web/endpoint.py`` for when the view may use it). It saves the two thread
+hand-offs of a round trip to the loop.
 
 Imports nothing of Flask: callers pass in the ``contextvars.Context`` whose
 values (Flask's app/request contexts, Flask-Login's user) the coroutine sees.
@@ -12,33 +18,177 @@ values (Flask's app/request contexts, Flask-Login's user) the coroutine sees.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextvars
 import logging
 import os
+import queue
 import selectors
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .channels import new_channel
+import gevent
+from gevent.hub import Waiter
+
 from .hub import attach_hub
-from .lifecycle import OpenStreams
 from .native import NativeThreadPool, gevent_patched, native_lock, start_native_thread
 
 T = TypeVar("T")
 logger = logging.getLogger("flask_chatkit")
 
 
-@dataclass(frozen=True)
-class Failure:
-    """An exception raised on the loop, handed to the waiting request."""
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How work handed across threads ended: its value, or the exception it raised."""
 
-    exc: BaseException
+    value: Any = None
+    error: BaseException | None = None
+
+    def unwrap(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
 
 
-@dataclass(frozen=True)
-class _Success:
-    value: Any
+class NeedsLoop(Exception):
+    """:func:`run_inline` met an await that only an event loop can answer."""
+
+
+def run_inline(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` to its end right here, on the calling greenlet or thread.
+
+    Only for coroutines whose awaits all complete without a loop, e.g.
+    ``SQLAlchemyStore`` reads, which answer synchronously when no loop is running.
+    If one suspends anyway, it is closed and :class:`NeedsLoop` raised: the caller
+    runs the work on the loop instead (so only work that is safe to start again,
+    such as reads, belongs here).
+    """
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+    coro.close()
+    raise NeedsLoop(getattr(coro, "__qualname__", "coroutine"))
+
+
+# -- channels: the loop thread hands values to one waiting greenlet or thread --------
+# A channel has one producer (the loop thread) and one consumer (the request).
+# ``get_batch`` returns everything queued so far, so a burst of stream chunks costs
+# one wake-up and one socket write instead of one per chunk; under gevent the
+# producer also schedules at most one wake-up until the consumer drains.
+
+TIMEOUT = object()  # nothing arrived within the timeout
+
+
+class ThreadChannel:
+    """For real threads (sync, gthread, dev server): a blocking queue."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def get_batch(self, timeout: float | None) -> list[Any] | object:
+        try:
+            batch = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return TIMEOUT
+        while True:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                return batch
+
+
+class GeventChannel:
+    """For greenlets: the producer wakes the consumer's hub thread-safely.
+
+    ``run_callback_threadsafe`` is the one gevent call that is safe from a
+    foreign OS thread; the callback switches straight to the waiting greenlet
+    through a ``Waiter`` (an ``Event`` would add its link notification and a
+    second hub callback to every wake-up). No lock: ``deque.append``/``popleft``
+    are atomic, and the consumer clears ``_wakeup_scheduled`` *before* draining,
+    so an item appended by a producer that saw the flag still set is always
+    drained by the pass that follows.
+    """
+
+    def __init__(self) -> None:
+        hub = gevent.get_hub()
+        self._hub_loop = hub.loop
+        self._waiter: Waiter[Any] = Waiter(hub)
+        self._items: collections.deque[Any] = collections.deque()
+        self._wakeup_scheduled = False
+
+    def put(self, item: Any) -> None:
+        self._items.append(item)
+        if not self._wakeup_scheduled:
+            self._wakeup_scheduled = True
+            self._hub_loop.run_callback_threadsafe(self._waiter.switch, None)
+
+    def get_batch(self, timeout: float | None) -> list[Any] | object:
+        while True:
+            # A wake-up that arrived while this greenlet was busy elsewhere is
+            # stored by the Waiter: drop it, the drain below covers its items.
+            self._waiter.clear()
+            self._wakeup_scheduled = False
+            batch = []
+            while self._items:
+                batch.append(self._items.popleft())
+            if batch:
+                return batch
+            if timeout is not None and timeout <= 0:
+                return TIMEOUT
+            if self._wait(timeout) is TIMEOUT:
+                return TIMEOUT
+
+    def _wait(self, timeout: float | None) -> object:
+        if timeout is None:
+            return self._waiter.get()
+        # Made and closed here, in the consumer's greenlet (never on a foreign thread).
+        timer = self._hub_loop.timer(timeout)
+        try:
+            timer.start(self._waiter.switch, TIMEOUT)
+            return self._waiter.get()
+        finally:
+            timer.close()
+
+
+Channel = ThreadChannel | GeventChannel
+
+
+def new_channel() -> Channel:
+    return GeventChannel() if gevent_patched() else ThreadChannel()
+
+
+class OpenStreams:
+    """The pump tasks of one loop's open streams; used on that loop's thread only."""
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False  # the worker is stopping: streams started now are cancelled too
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if self.closing:
+            # call_soon: let the task take its first step, so its own handlers run.
+            asyncio.get_running_loop().call_soon(task.cancel)
+
+    async def cancel_all(self, timeout: float) -> tuple[int, int]:
+        """Cancel every open stream and wait (bounded); returns (cancelled, unfinished)."""
+        self.closing = True
+        tasks = [task for task in self._tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if not tasks:
+            return 0, 0
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        return len(tasks), len(pending)
 
 
 class LoopThread:
@@ -141,15 +291,13 @@ class LoopThread:
 
         async def runner() -> None:
             try:
-                channel.put(_Success(await make_coro()))
+                channel.put(Outcome(await make_coro()))
             except BaseException as exc:  # re-raised in the caller
-                channel.put(Failure(exc))
+                channel.put(Outcome(error=exc))
 
         self.call_soon(lambda: asyncio.ensure_future(runner()), context=context)
         batch = channel.get_batch(timeout)
         if not isinstance(batch, list):
             raise TimeoutError("the ChatKit event loop did not answer in time")
-        outcome = batch[0]
-        if isinstance(outcome, Failure):
-            raise outcome.exc
-        return outcome.value  # type: ignore[no-any-return]
+        outcome: Outcome = batch[0]
+        return outcome.unwrap()  # type: ignore[no-any-return]

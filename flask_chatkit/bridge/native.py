@@ -25,6 +25,8 @@ __all__ = [
     "NativeThreadPool",
     "Outcome",
     "gevent_patched",
+    "native_lock",
+    "native_thread_id",
     "outcome_of",
     "settle",
     "settle_from_thread",
@@ -52,6 +54,12 @@ def _original(module: str, name: str) -> Any:
 def start_native_thread(target: Callable[[], None]) -> None:
     """Start ``target`` on a real OS thread (never a greenlet)."""
     _original("_thread", "start_new_thread")(target, ())
+
+
+def native_thread_id() -> int:
+    """The OS thread's id (gevent's patched ``get_ident`` names the greenlet instead)."""
+    ident: int = _original("_thread", "get_ident")()
+    return ident
 
 
 def native_lock() -> Any:

@@ -17,8 +17,7 @@ from typing import Any, Literal
 from chatkit.errors import ErrorCode
 from chatkit.types import ErrorEvent
 
-from .channels import TIMEOUT, new_channel
-from .loop import Failure, LoopThread
+from .loop import TIMEOUT, LoopThread, Outcome, new_channel
 from .native import native_lock
 
 logger = logging.getLogger("flask_chatkit")
@@ -39,27 +38,21 @@ def error_event_bytes() -> bytes:
     return b"data: " + event.model_dump_json(exclude_none=True).encode() + b"\n\n"
 
 
-@dataclass(frozen=True)
-class Plain:
-    """What a ``prepare`` step returns when there is nothing to stream (a plain result)."""
-
-    value: Any
-
-
 # Run on the loop by the stream's own task before it pumps: returns the source to
-# stream, or a Plain result that ends the stream at once (see Stream.start).
-Prepare = Callable[[], Awaitable["AsyncIterable[bytes] | Plain"]]
+# stream, or an Outcome (a plain result) that ends the stream at once (see Stream.start).
+Prepare = Callable[[], Awaitable["AsyncIterable[bytes] | Outcome"]]
 
 
 def _is_final(item: Any) -> bool:
-    return item is _END or item is _CANCELLED or isinstance(item, Failure | Plain)
+    # An Outcome ends a stream: a plain result of ``prepare``, or a failure.
+    return item is _END or item is _CANCELLED or isinstance(item, Outcome)
 
 
 OnDisconnect = Literal["cancel", "finish"]
-Outcome = Literal["finished", "cancelled", "failed"]
+StreamEnd = Literal["finished", "cancelled", "failed"]
 
 
-@dataclass
+@dataclass(slots=True)  # one per open stream: no per-instance dict
 class StreamStats:
     """What one stream did; counted cheaply as it runs, read once at its end."""
 
@@ -93,7 +86,7 @@ class StreamStats:
 # Called exactly once per iterated stream: (outcome, stats, exception or None).
 # A failure ChatKit itself turned into an error event comes with None (and
 # ``stats.error_event``): the SDK keeps the exception.
-OnEnd = Callable[[Outcome, StreamStats, BaseException | None], None]
+OnEnd = Callable[[StreamEnd, StreamStats, BaseException | None], None]
 
 
 class Stream:
@@ -110,6 +103,13 @@ class Stream:
     disconnect), or on a native executor thread when a detached stream
     (``"finish"``) completes later.
     """
+
+    __slots__ = (
+        "_cancel_timeout", "_cancelling", "_channel", "_consumed", "_context", "_detached",
+        "_drained", "_end_claimed", "_final", "_finished", "_heartbeat", "_loop_thread",
+        "_max_buffered", "_on_disconnect", "_on_end", "_parked", "_prepare", "_produced",
+        "_queued", "_source", "_task", "stats",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -156,7 +156,7 @@ class Stream:
         With ``prepare`` the same task first awaits it (e.g. checks and
         ``server.process()``) and then pumps the source it returns: one hop to
         the loop and one wake-up back for the first chunk, a failure of
-        ``prepare`` or a :class:`Plain` result, instead of a round trip for the
+        ``prepare`` or its plain result (an :class:`Outcome`), instead of a round trip for the
         result and another one for the first chunk.
         """
         self._prepare = prepare
@@ -170,9 +170,9 @@ class Stream:
             try:
                 prepared = await self._prepare()
             except BaseException as exc:  # no byte sent yet: the reader raises it
-                self._channel.put(Failure(exc))
+                self._channel.put(Outcome(error=exc))
                 return
-            if isinstance(prepared, Plain):
+            if isinstance(prepared, Outcome):
                 self._channel.put(prepared)
                 return
             self._source = prepared
@@ -200,7 +200,7 @@ class Stream:
             raise
         except Exception as exc:
             logger.exception("ChatKit stream failed")
-            self._channel.put(Failure(exc))
+            self._channel.put(Outcome(error=exc))
             self._report_detached("failed", exc)
         else:
             self._channel.put(_END)
@@ -247,23 +247,21 @@ class Stream:
         if self._parked and self._produced - self._consumed <= self._max_buffered:
             self._loop_thread.call_soon(self._wake_pump, context=self._context)
 
-    def _report_detached(self, outcome: Outcome, exc: BaseException | None) -> None:
+    def _report_detached(self, outcome: StreamEnd, exc: BaseException | None) -> None:
         # A detached stream has no reader left to report its end: do it off the
         # loop (receivers may block) on the loop's native executor.
         if self._detached and self._on_end is not None:
             asyncio.get_running_loop().run_in_executor(None, self._end, outcome, exc)
 
-    def _outcome_of(self, item: Any) -> tuple[Outcome, BaseException | None]:
-        if isinstance(item, Plain):
-            return "finished", None
-        if isinstance(item, Failure):
-            return "failed", item.exc
+    def _outcome_of(self, item: Any) -> tuple[StreamEnd, BaseException | None]:
+        if isinstance(item, Outcome):
+            return ("finished", None) if item.error is None else ("failed", item.error)
         if item is _CANCELLED:
             return "cancelled", None
         # ChatKit caught an error in respond and sent an error event: a failure too.
         return ("failed" if self.stats.error_event is not None else "finished"), None
 
-    def _end(self, outcome: Outcome, exc: BaseException | None) -> None:
+    def _end(self, outcome: StreamEnd, exc: BaseException | None) -> None:
         """Report the end once; a failing callback is logged, never raised."""
         on_end = self._on_end
         # The reader and (when detached) the loop's executor may both get here.
@@ -275,7 +273,7 @@ class Stream:
         except Exception:
             logger.exception("ChatKit stream end callback failed")
 
-    def _next_write(self) -> bytes | Failure | Plain | None:
+    def _next_write(self) -> bytes | Outcome | None:
         """Everything that is ready, joined into one write; None at the end.
 
         Silence for a heartbeat interval yields a ping; a failure (or a
@@ -288,7 +286,7 @@ class Stream:
                 if _is_final(item):
                     self._finished = True
                     self._final = item  # reported by close(), after the last write
-                    return item if isinstance(item, Failure | Plain) else None
+                    return item if isinstance(item, Outcome) else None
                 chunks = [item]
                 while self._queued and isinstance(self._queued[0], bytes):
                     chunks.append(self._queued.popleft())
@@ -306,7 +304,7 @@ class Stream:
             self._taken(batch)
             self._queued.extend(batch)
 
-    def first(self) -> bytes | Failure | Plain | None:
+    def first(self) -> bytes | Outcome | None:
         """The first write, so a failure before any byte can become an HTTP error.
 
         After ``start(prepare)`` it may also be the plain result of ``prepare``.
@@ -325,10 +323,12 @@ class Stream:
         try:
             while not self._finished or self._queued:
                 write = self._next_write()
-                if write is None or isinstance(write, Plain):
+                if write is None:
                     return
-                if isinstance(write, Failure):
-                    self._end("failed", write.exc)  # before the write a gone client may stop
+                if isinstance(write, Outcome):
+                    if write.error is None:  # a plain result: nothing to stream
+                        return
+                    self._end("failed", write.error)  # before the write a gone client may stop
                     yield error_event_bytes()
                     return
                 yield write

@@ -1,46 +1,381 @@
 """``SQLAlchemyStore``: a ``chatkit.store.Store`` on SQLite or PostgreSQL.
 
-Imports nothing of Flask (a FastAPI or Django ChatKit host can use it as is).
-Every read and write is scoped by the owner key ``owner(context)``. The async
-methods run their blocking SQLAlchemy work on native OS threads (see
-:mod:`flask_chatkit.bridge.native`) so a database round trip never blocks the loop.
-Ids and their clash rules live in :mod:`.ids`, schema and CLI work in
-:mod:`.maintenance`, the attachments table in :mod:`.attachment_rows`.
+Imports nothing of Flask: a FastAPI or Django ChatKit host can use it as is, with
+the same contract. Every read and write is scoped by the owner key
+``owner(context)``. ``save_thread`` (like every write) has persisted its data when
+it returns, whoever calls it; nothing is deferred through context variables.
+
+Where the SQL runs: on a running event loop, on native worker threads (one per
+pooled connection, see :mod:`flask_chatkit.bridge.native`), so a database round trip
+never stalls the loop; driven with no loop running, right where it is called.
+
+* **Ids** carry 128 random bits behind the SDK's own prefix (the SDK's default
+  carries 32). A generated thread id's first save is an insert that must not meet an
+  existing thread of its owner, and an item add must not meet an item its thread
+  already has: either raises :class:`DuplicateIdError` instead of overwriting or
+  dropping a row.
+* **Attachments** have two columns beyond the SDK's payload. ``upload_state``:
+  ``pending`` (created, bytes not there yet), ``uploading`` (one upload holds the
+  claim), ``done``; NULL for rows saved by other code. Claiming is one conditional
+  ``UPDATE … WHERE upload_state = 'pending'``, so of two concurrent uploads exactly
+  one wins. ``created_at``: when the row was first saved, so ``prune`` can reclaim
+  attachments never linked to a thread. A row's ``thread_id`` is never cleared once
+  set: a late save of the unlinked copy must not undo the SDK's link.
+* **Pages** are keyset pages on ``(created_at, seq)`` (ties never skip or repeat a
+  row), bounded by ``limit`` and, for items, by payload bytes.
+* **Maintenance** (sync, for start-up, the health route and the CLI): create and
+  check the schema, export one owner, prune old threads and orphan attachments.
 """
 
 from __future__ import annotations
 
+import _queue
+import asyncio
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from datetime import datetime, timezone
+from functools import cache, lru_cache
 from typing import Any, TypeVar
 
-from chatkit.store import NotFoundError, Store
-from chatkit.types import Attachment, Page, SDKHiddenContextItem, ThreadItem, ThreadMetadata
-from sqlalchemy import Connection, Engine, Table, and_, delete, select
-from sqlalchemy.engine import URL
-
-from ..bridge.native import NativeThreadPool, native_lock
-from .attachment_rows import AttachmentRows
-from .ids import DuplicateIdError, StoreIds, _new_thread
-from .maintenance import Maintenance
-from .payloads import attachment_adapter, item_adapter, thread_payload
-from .schema import (
-    build_engine,
-    build_tables,
-    db_time,
-    engine_pool_capacity,
-    insert_new,
-    is_sqlite_memory,
-    keyset_page,
-    upsert,
+from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
+from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
+from pydantic import TypeAdapter
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    Text,
+    and_,
+    cast,
+    delete,
+    exists,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+    tuple_,
+    update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from ..bridge.native import (
+    NativeThreadPool,
+    native_lock,
+    native_thread_id,
+    outcome_of,
+    settle_from_thread,
+    start_native_thread,
+)
+from .schema import build_engine, build_tables, engine_pool_capacity, is_sqlite_memory
+from .version import check as check_version
+from .version import read_version, record_version
 
 __all__ = ["DuplicateIdError", "SQLAlchemyStore", "default_owner"]
 
 T = TypeVar("T")
+K = TypeVar("K", bound=Hashable)
 _CHUNK = 500
 DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+# -- ids ---------------------------------------------------------------------------
+ID_RANDOM_BYTES = 16  # 128 random bits per id (the SDK's ids carry 32)
+_FRESH_IDS_KEPT = 10_000  # bound of the id bookkeeping below (generated, cancelled)
+
+
+class DuplicateIdError(Exception):
+    """A thread or item was inserted with an id its owner (thread) already has.
+
+    Raised instead of overwriting the existing row or silently dropping the new
+    one; the transaction is rolled back, so nothing of the insert is kept.
+    """
+
+
+def _random_hex() -> str:
+    return secrets.token_hex(ID_RANDOM_BYTES)
+
+
+@cache
+def _id_prefix(kind: StoreItemType) -> str:
+    # The SDK's own prefix for this kind ("thr", "msg", ...), without naming its private table.
+    return default_generate_id(kind).rpartition("_")[0]
+
+
+def _remember(kept: OrderedDict[K, None], key: K) -> None:
+    """Add ``key``, forgetting the oldest keys beyond the bound."""
+    kept[key] = None
+    while len(kept) > _FRESH_IDS_KEPT:
+        kept.popitem(last=False)
+
+
+# -- payloads: the JSON column <-> ChatKit's models ---------------------------------
+_THREAD_FIELDS = frozenset(ThreadMetadata.model_fields)
+
+
+@lru_cache(maxsize=1)
+def item_adapter() -> TypeAdapter[ThreadItem]:
+    return TypeAdapter(ThreadItem)
+
+
+@lru_cache(maxsize=1)
+def attachment_adapter() -> TypeAdapter[Attachment]:
+    return TypeAdapter(Attachment)
+
+
+def thread_payload(thread: ThreadMetadata) -> dict[str, Any]:
+    # Only ThreadMetadata's own fields: a full Thread's items are rows of their own.
+    return thread.model_dump(mode="json", include=set(_THREAD_FIELDS))
+
+
+# -- attachment upload states ----------------------------------------------------
+PENDING, UPLOADING, DONE = "pending", "uploading", "done"
+_ADDED_COLUMNS = {"created_at": "TIMESTAMP", "upload_state": "VARCHAR(16)"}
+
+
+def upload_state_of(attachment: Attachment) -> str | None:
+    """The state implied by a payload this package wrote (``metadata.uploaded``)."""
+    metadata = attachment.metadata or {}
+    if "uploaded" not in metadata:
+        return None
+    return DONE if metadata.get("uploaded") else PENDING
+
+
+def _utcnow() -> datetime:
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+# -- SQL shared by the queries ---------------------------------------------------
+def db_time(value: datetime) -> datetime:
+    """The sortable column value: naive UTC (naive input is taken as is)."""
+    if value.tzinfo is None or value.utcoffset() is None:
+        return value.replace(tzinfo=None)
+    return value.astimezone(timezone.utc).replace(tzinfo=None)
+
+
+def dialect_insert(dialect: str, table: Table) -> Any:
+    """INSERT with ON CONFLICT support (PostgreSQL, SQLite), else None."""
+    if dialect == "postgresql":
+        return pg_insert(table)
+    if dialect == "sqlite":
+        return sqlite_insert(table)
+    return None
+
+
+def upsert(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> None:
+    """Insert ``values`` or update the row with the same ``keys``."""
+    stmt = dialect_insert(conn.dialect.name, table)
+    changed = {k: v for k, v in values.items() if k not in keys}
+    if stmt is not None:
+        conn.execute(
+            stmt.values(**values).on_conflict_do_update(index_elements=list(keys), set_=changed)
+        )
+        return
+    where = and_(*(table.c[k] == values[k] for k in keys))
+    if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
+        conn.execute(insert(table).values(**values))
+
+
+def insert_new(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> bool:
+    """Insert ``values`` unless a row with the same ``keys`` exists; False if one did.
+
+    The existing row is left as it is. Racing inserts of one key: exactly one wins.
+    """
+    stmt = dialect_insert(conn.dialect.name, table)
+    if stmt is not None:
+        # RETURNING, not rowcount: with implicit RETURNING psycopg reports rowcount -1.
+        stmt = stmt.values(**values).on_conflict_do_nothing(index_elements=list(keys))
+        return conn.execute(stmt.returning(table.c[keys[-1]])).first() is not None
+    try:
+        with conn.begin_nested():
+            conn.execute(insert(table).values(**values))
+    except IntegrityError:
+        return False
+    return True
+
+
+def keyset_page(
+    conn: Connection,
+    table: Table,
+    scope: Any,
+    after: str | None,
+    limit: int,
+    order: str,
+    what: str,
+    max_bytes: int | None = None,
+) -> tuple[list[Any], bool]:
+    """A page of (id, payload) rows after the ``after`` id, ordered by (created_at, seq);
+    and whether more rows follow. An unknown ``after`` raises NotFoundError.
+
+    With ``max_bytes``, the page also ends once the payloads before a row add up
+    to ``max_bytes`` (the first row always comes, so paging always advances); the
+    database drops the rows past the budget, so their payloads are never fetched.
+    """
+    cols = (table.c.created_at, table.c.seq)
+    desc = order == "desc"
+    conditions = [scope]
+    if after is not None:
+        cursor = conn.execute(select(*cols).where(scope, table.c.id == after)).first()
+        if cursor is None:
+            raise NotFoundError(f"{what} {after} not found")
+        key = tuple_(*cols)
+        conditions.append(key < tuple_(*cursor) if desc else key > tuple_(*cursor))
+    ordering = [c.desc() for c in cols] if desc else list(cols)
+    limit = max(limit, 0)
+    if max_bytes is None:
+        query = select(table.c.id, table.c.payload).where(*conditions).order_by(*ordering)
+        rows = list(conn.execute(query.limit(limit + 1)))
+        return rows[:limit], len(rows) > limit
+    return _byte_bounded_page(conn, table, conditions, desc, limit, max_bytes)
+
+
+def _payload_bytes(table: Table, dialect: str) -> Any:
+    text = cast(table.c.payload, Text)
+    return func.length(text) if dialect == "sqlite" else func.octet_length(text)
+
+
+def _byte_bounded_page(
+    conn: Connection,
+    table: Table,
+    conditions: list[Any],
+    desc: bool,
+    limit: int,
+    max_bytes: int,
+) -> tuple[list[Any], bool]:
+    def ordered(cols: tuple[Any, ...]) -> list[Any]:
+        return [c.desc() for c in cols] if desc else list(cols)
+
+    # page: the next limit + 1 rows with their payload sizes; then, per row, the
+    # bytes of the rows ahead of it and how many rows the page has.
+    page = (
+        select(
+            table.c.id,
+            table.c.payload,
+            table.c.created_at,
+            table.c.seq,
+            _payload_bytes(table, conn.dialect.name).label("size"),
+        )
+        .where(*conditions)
+        .order_by(*ordered((table.c.created_at, table.c.seq)))
+        .limit(limit + 1)
+        .subquery("page")
+    )
+    page_order = ordered((page.c.created_at, page.c.seq))
+    sized = select(
+        page.c.id,
+        page.c.payload,
+        page.c.created_at,
+        page.c.seq,
+        (func.sum(page.c.size).over(order_by=page_order) - page.c.size).label("before"),
+        func.count().over().label("fetched"),
+    ).subquery("sized")
+    query = (
+        select(sized.c.id, sized.c.payload, sized.c.fetched)
+        .where(sized.c.before < max_bytes)
+        .order_by(*ordered((sized.c.created_at, sized.c.seq)))
+    )
+    rows = list(conn.execute(query))
+    kept = rows[:limit]
+    return kept, bool(rows) and rows[0].fetched > len(kept)
+
+
+# -- SQLite group commit ------------------------------------------------------------
+_STOP = object()
+MAX_GROUP = 64  # most writes one group commit carries
+
+
+def _writes(fn: Callable[..., T]) -> Callable[..., T]:
+    """Mark a sync method that writes: on SQLite it runs in the group writer's transaction."""
+    fn._chatkit_writes = True  # type: ignore[attr-defined]
+    return fn
+
+
+class _GroupWriter:
+    """One native thread that commits every SQLite write queued meanwhile in one transaction.
+
+    SQLite has one writer at a time. Several store threads each committing their own
+    write take turns on the database lock, and a thread that finds it taken sleeps in
+    SQLite's busy handler. Here the writes that arrive together run one after the
+    other on one connection, each in a SAVEPOINT of a shared ``BEGIN IMMEDIATE``
+    transaction (so one that fails is rolled back alone), and one COMMIT stores them
+    all. Each caller's await returns only after the COMMIT that holds its own write;
+    if that COMMIT fails, every write of the group fails with it. Work that must wait
+    for the commit (deleting files of removed rows) runs after it.
+    """
+
+    def __init__(self, store: SQLAlchemyStore) -> None:
+        self._store = store
+        self._jobs: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
+        self.thread_id: int | None = None  # the writer's native thread, once started
+        self.conn: Connection | None = None  # the group's connection, while one runs
+        self.after_commit: list[Callable[[], None]] = []
+        start_native_thread(self._serve)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, future, fn, args))
+        return await future
+
+    def stop(self) -> None:
+        self._jobs.put(_STOP)
+
+    def group_conn(self) -> Connection | None:
+        """The group's connection when called by a write the group is running, else None."""
+        conn = self.conn
+        return conn if conn is not None and self.thread_id == native_thread_id() else None
+
+    def _serve(self) -> None:
+        self.thread_id = native_thread_id()
+        while True:
+            job = self._jobs.get()
+            if job is _STOP:
+                return
+            group = [job]
+            while len(group) < MAX_GROUP:
+                try:
+                    job = self._jobs.get_nowait()
+                except _queue.Empty:
+                    break
+                if job is _STOP:
+                    self._jobs.put(_STOP)  # after this group
+                    break
+                group.append(job)
+            self._commit(group)
+
+    def _commit(self, group: list[Any]) -> None:
+        outcomes: list[tuple[bool, Any]] = []
+        self.after_commit = []
+        try:
+            with self._store.engine.begin() as conn:
+                conn.exec_driver_sql("BEGIN IMMEDIATE")
+                self.conn = conn
+                try:
+                    # Each write's own _tx() is a SAVEPOINT of this transaction.
+                    outcomes = [outcome_of(fn, *args) for _, _, fn, args in group]
+                finally:
+                    self.conn = None
+        except BaseException as exc:  # the COMMIT (or BEGIN) failed: nothing is stored
+            outcomes = [(False, exc)] * len(group)
+            self.after_commit = []
+        for action in self.after_commit:
+            action()
+        for (loop, future, _, _), outcome in zip(group, outcomes, strict=True):
+            settle_from_thread(loop, future, outcome)
 
 
 def default_owner(context: Any) -> str:
@@ -49,7 +384,7 @@ def default_owner(context: Any) -> str:
     return key
 
 
-class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
+class SQLAlchemyStore(Store[Any]):
     """ChatKit store over SQLAlchemy (SQLite or PostgreSQL), owner-scoped.
 
     ``bind`` is a database URL or an existing :class:`~sqlalchemy.Engine`
@@ -83,7 +418,11 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
         self.attachments = tables.attachments
         self.schema_version_table = tables.schema_version
         self.dialect = self.engine.dialect.name
-        self._init_ids()
+        # Thread ids this store generated and has not written yet: their first
+        # save_thread is the creation, an insert that must not meet an existing row.
+        self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
+        # (owner, thread, item) of item inserts whose caller was cancelled mid-write.
+        self._cancelled_adds: OrderedDict[tuple[str, str, str], None] = OrderedDict()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -93,13 +432,28 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
         # A single shared in-memory connection must never be used by two threads at once.
         self._guard: Any = native_lock() if self._memory else contextlib.nullcontext()
         workers = 1 if self._memory else engine_pool_capacity(self.engine)
+        # A SQLite file's writes go to one group writer; the other connections read.
+        self._writer = _GroupWriter(self) if self._sqlite and not self._memory else None
+        if self._writer is not None:
+            workers = max(1, workers - 1)
         self._pool: NativeThreadPool = NativeThreadPool(max_workers=workers, name="chatkit-store")
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking database work on a worker thread (never on the event loop)."""
+        """Run blocking database work off the event loop, or right here without one.
+
+        On a running loop the work goes to a worker thread, so a database round trip
+        never stalls the loop's other tasks. Driven with no loop running (the Flask
+        view answers store reads on the request's own greenlet or thread), there is
+        nothing to stall: the work runs here, and the call costs no thread hand-off.
+        """
+        if not _loop_running():
+            with self._guard:  # the in-memory database's one connection
+                return fn(*args)
         if self._pid != os.getpid():  # forked (e.g. gunicorn): the workers stayed behind
             self.engine.dispose(close=False)  # the parent's connections are not ours
             self._start_workers()
+        if self._writer is not None and getattr(fn, "_chatkit_writes", False):
+            return await self._writer.run(fn, *args)
         return await self._pool.run(fn, *args)
 
     # -- plumbing -------------------------------------------------------------
@@ -111,7 +465,15 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
 
     @contextlib.contextmanager
     def _tx(self, write: bool = False) -> Iterator[Connection]:
-        """One transaction; on SQLite a write takes the write lock up front."""
+        """One transaction; on SQLite a write takes the write lock up front.
+
+        On the group writer's thread: a SAVEPOINT of the group's transaction.
+        """
+        group_conn = self._writer.group_conn() if self._writer is not None else None
+        if group_conn is not None:
+            with group_conn.begin_nested():
+                yield group_conn
+            return
         with self._guard, self.engine.begin() as conn:
             if self._sqlite:
                 dbapi = conn.connection.dbapi_connection
@@ -126,6 +488,8 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
     def close(self) -> None:
         """Stop the worker threads (the engine stays usable if it was passed in)."""
         self._pool.shutdown()
+        if self._writer is not None:
+            self._writer.stop()
 
     # -- sync implementations (run on the pool) ------------------------------
     def _ping(self) -> None:
@@ -156,6 +520,7 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
             "payload": thread_payload(thread),
         }
 
+    @_writes
     def _save_thread(self, owner: str, thread: ThreadMetadata, create: bool = False) -> None:
         with self._tx(write=True) as conn:
             if create:
@@ -200,19 +565,17 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
             "payload": item.model_dump(mode="json"),
         }
 
-    def _add_thread_item(
-        self, owner: str, thread_id: str, item: ThreadItem, new_thread: ThreadMetadata | None = None
-    ) -> None:
+    @_writes
+    def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
         with self._tx(write=True) as conn:
-            if new_thread is not None:
-                self._insert_thread(conn, owner, new_thread)
             # Never an overwrite, never a silent drop: the SDK only adds new items,
             # so an id the thread already holds is a clash. Items of other threads
             # and owners with the same id are other rows, untouched.
             if not insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
                 raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
 
+    @_writes
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
         with self._tx(write=True) as conn:
@@ -239,6 +602,7 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
                 )
         return found
 
+    @_writes
     def _delete_thread_item(self, owner: str, thread_id: str, item_id: str) -> None:
         i = self.items
         with self._tx(write=True) as conn:
@@ -265,9 +629,16 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
 
     def _attachments_removed(self, attachment_ids: list[str]) -> None:
         # After commit: the files go only once no row points at them any more.
-        if attachment_ids and self.on_attachments_deleted is not None:
-            self.on_attachments_deleted(attachment_ids)
+        callback = self.on_attachments_deleted
+        if not attachment_ids or callback is None:
+            return
+        writer = self._writer
+        if writer is not None and writer.group_conn() is not None:
+            writer.after_commit.append(lambda: callback(attachment_ids))  # the group's commit
+            return
+        callback(attachment_ids)
 
+    @_writes
     def _delete_thread(self, owner: str, thread_id: str) -> None:
         with self._tx(write=True) as conn:
             removed = self._delete_threads(conn, owner, [thread_id])
@@ -280,6 +651,7 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
         )
         return attachment_adapter().validate_python(payload)
 
+    @_writes
     def _delete_attachment(self, owner: str, attachment_id: str) -> None:
         a = self.attachments
         with self._tx(write=True) as conn:
@@ -287,23 +659,15 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
 
     # -- chatkit.store.Store ---------------------------------------------------
     async def load_thread(self, thread_id: str, context: Any) -> ThreadMetadata:
-        owner = self.owner_key(context)
-        pending = _new_thread.get()
-        if pending is not None and (held := pending.get(owner, thread_id)) is not None:
-            return held.model_copy(deep=True)
-        return await self._run(self._load_thread, owner, thread_id)
+        return await self._run(self._load_thread, self.owner_key(context), thread_id)
 
     async def save_thread(self, thread: ThreadMetadata, context: Any) -> None:
+        """Persist the thread's metadata; stored when this returns, whoever calls it.
+
+        The first save of an id this store generated is an insert that must not
+        meet an existing thread of the owner (:class:`DuplicateIdError`).
+        """
         owner = self.owner_key(context)
-        pending = _new_thread.get()
-        if pending is not None and (pending.armed or pending.get(owner, thread.id)):
-            # Held until its first item. No database round trip here: the view holds
-            # thread.created until that write, so an outage still fails the request
-            # with a plain HTTP error before any byte of the stream is sent.
-            pending.armed = False
-            self._is_creation(thread.id)  # written by an insert with its first item
-            pending.threads[thread.id] = (owner, thread.model_copy(deep=True))
-            return
         await self._run(self._save_thread, owner, thread, self._is_creation(thread.id))
 
     async def load_thread_items(
@@ -328,22 +692,9 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
         return await self._run(self._load_threads, owner, limit, after, order)
 
     async def add_thread_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        owner = self.owner_key(context)
-        pending = _new_thread.get()
-        held = pending.get(owner, thread_id) if pending is not None else None
-        if pending is None or held is None:
-            await self._insert_item(owner, thread_id, item)
-            return
-        if isinstance(item, SDKHiddenContextItem):
-            return  # cancelled before the user message: the empty thread is never written
-        await self._insert_item(owner, thread_id, item, held)
-        pending.threads.pop(thread_id, None)
+        await self._insert_item(self.owner_key(context), thread_id, item)
 
     async def save_item(self, thread_id: str, item: ThreadItem, context: Any) -> None:
-        pending = _new_thread.get()
-        if pending is not None and pending.get(self.owner_key(context), thread_id) is not None:
-            await self.add_thread_item(thread_id, item, context)
-            return
         await self._run(self._save_item, self.owner_key(context), thread_id, item)
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
@@ -362,11 +713,277 @@ class SQLAlchemyStore(StoreIds, Maintenance, AttachmentRows, Store[Any]):
         return await self._run(self._owned_item_ids, owner, thread_id, list(item_ids))
 
     async def delete_thread(self, thread_id: str, context: Any) -> None:
-        pending = _new_thread.get()
-        if pending is not None:
-            pending.threads.pop(thread_id, None)
         await self._run(self._delete_thread, self.owner_key(context), thread_id)
 
     async def delete_thread_item(self, thread_id: str, item_id: str, context: Any) -> None:
         owner = self.owner_key(context)
         await self._run(self._delete_thread_item, owner, thread_id, item_id)
+
+    # -- ids ---------------------------------------------------------------------
+    def generate_thread_id(self, context: Any) -> str:
+        """``thr_`` + 32 hex digits (128 random bits; the SDK's default has 32 bits)."""
+        thread_id = f"{_id_prefix('thread')}_{_random_hex()}"
+        _remember(self._fresh_thread_ids, thread_id)  # never saved: the oldest are forgotten
+        return thread_id
+
+    def generate_item_id(
+        self, item_type: StoreItemType, thread: ThreadMetadata, context: Any
+    ) -> str:
+        """The SDK's prefix for ``item_type`` + 32 hex digits (128 random bits)."""
+        return f"{_id_prefix(item_type)}_{_random_hex()}"
+
+    def _is_creation(self, thread_id: str) -> bool:
+        """Whether this write of ``thread_id`` creates it (first save of a generated id)."""
+        try:
+            del self._fresh_thread_ids[thread_id]
+        except KeyError:
+            return False
+        return True
+
+    async def _insert_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
+        key = (owner, thread_id, item.id)
+        try:
+            await self._run(self._add_thread_item, owner, thread_id, item)
+        except asyncio.CancelledError:
+            # The write goes on in its worker thread and may commit, while ChatKit,
+            # seeing the cancel, adds the same item again (as a pending one in
+            # handle_stream_cancelled). That second add is no clash: remember it.
+            _remember(self._cancelled_adds, key)
+            raise
+        except DuplicateIdError:
+            if key not in self._cancelled_adds:
+                raise
+            del self._cancelled_adds[key]  # the cancelled add got there first: keep it
+            return
+        self._cancelled_adds.pop(key, None)
+
+    # -- schema ---------------------------------------------------------------
+    def _add_attachment_columns(self, conn: Connection) -> None:
+        """Tables made before these columns existed get them (nullable, no rewrite)."""
+        present = {c["name"] for c in inspect(conn).get_columns(self.attachments.name)}
+        for name, sql_type in _ADDED_COLUMNS.items():
+            if name not in present:
+                conn.execute(
+                    text(f"ALTER TABLE {self.attachments.name} ADD COLUMN {name} {sql_type}")
+                )
+
+    # -- rows -----------------------------------------------------------------
+    @_writes
+    def _save_attachment(self, owner: str, attachment: Attachment) -> None:
+        a = self.attachments
+        payload = attachment.model_dump(mode="json")
+        with self._tx(write=True) as conn:
+            row = conn.execute(
+                select(a.c.thread_id, a.c.upload_state)
+                .where(a.c.owner == owner, a.c.id == attachment.id)
+                .with_for_update()
+            ).first()
+            if row is None:
+                values = {
+                    "owner": owner,
+                    "id": attachment.id,
+                    "thread_id": attachment.thread_id,
+                    "payload": payload,
+                    "created_at": _utcnow(),
+                    "upload_state": upload_state_of(attachment),
+                }
+                try:
+                    with conn.begin_nested():
+                        conn.execute(insert(a).values(**values))
+                    return
+                except IntegrityError:  # saved concurrently: update that row below
+                    row = conn.execute(
+                        select(a.c.thread_id, a.c.upload_state).where(
+                            a.c.owner == owner, a.c.id == attachment.id
+                        )
+                    ).first()
+            thread_id = attachment.thread_id
+            if thread_id is None and row is not None and row.thread_id is not None:
+                thread_id = row.thread_id  # never unlink
+                payload["thread_id"] = thread_id
+            changes: dict[str, Any] = {"thread_id": thread_id, "payload": payload}
+            if row is not None and row.upload_state in (None, DONE):
+                changes["upload_state"] = upload_state_of(attachment) or row.upload_state
+            if row is not None and row.upload_state == DONE:
+                # Bytes arrived: a stale copy saying "not uploaded" must not reopen it.
+                payload["metadata"] = {**(payload.get("metadata") or {}), "uploaded": True}
+                payload["upload_descriptor"] = None
+                changes["upload_state"] = DONE
+            conn.execute(
+                update(a).where(a.c.owner == owner, a.c.id == attachment.id).values(**changes)
+            )
+
+    @_writes
+    def _set_upload_state(
+        self, owner: str, attachment_id: str, before: str, after: str, payload: Any = None
+    ) -> bool:
+        a = self.attachments
+        values: dict[str, Any] = {"upload_state": after}
+        if payload is not None:
+            values["payload"] = payload
+        with self._tx(write=True) as conn:
+            result = conn.execute(
+                update(a)
+                .where(a.c.owner == owner, a.c.id == attachment_id, a.c.upload_state == before)
+                .values(**values)
+            )
+        return bool(result.rowcount == 1)
+
+    # -- async API used by flask_chatkit.attachments ---------------------------
+    async def claim_attachment_upload(self, attachment_id: str, context: Any) -> bool:
+        """Take the right to upload this attachment's bytes; False if taken or done."""
+        owner = self.owner_key(context)
+        return await self._run(self._set_upload_state, owner, attachment_id, PENDING, UPLOADING)
+
+    async def release_attachment_upload(self, attachment_id: str, context: Any) -> None:
+        """Give a failed upload's claim back, so the client may try again."""
+        owner = self.owner_key(context)
+        await self._run(self._set_upload_state, owner, attachment_id, UPLOADING, PENDING)
+
+    async def complete_attachment_upload(
+        self, attachment: Attachment, context: Any, *, claimed: bool = True
+    ) -> bool:
+        """Store the uploaded row, only if this caller still holds the claim.
+
+        ``claimed=False`` completes straight from ``pending`` (bytes put into the
+        bucket with a presigned URL, checked by the caller).
+        """
+        owner = self.owner_key(context)
+        before = UPLOADING if claimed else PENDING
+        payload = attachment.model_dump(mode="json")
+        return await self._run(self._set_upload_state, owner, attachment.id, before, DONE, payload)
+
+    # -- orphans ----------------------------------------------------------------
+    def _orphan_attachments(self, conn: Connection, cutoff: datetime) -> Iterator[tuple[str, str]]:
+        a = self.attachments
+        # NULL created_at: rows from before the column existed, of unknown age.
+        old = a.c.created_at.is_(None) | (a.c.created_at < db_time(cutoff))
+        query = select(a.c.owner, a.c.id).where(a.c.thread_id.is_(None), old).order_by(a.c.seq)
+        for owner, attachment_id in conn.execute(query):
+            yield str(owner), str(attachment_id)
+
+    def prune_orphan_attachments(
+        self, older_than: datetime, *, dry_run: bool = False
+    ) -> list[tuple[str, str]]:
+        """Remove attachment rows never linked to a thread and created before ``older_than``.
+
+        Returns ``(owner, attachment_id)`` pairs; their bytes are removed through
+        ``on_attachments_deleted`` after the commit. ``dry_run`` only lists them.
+        """
+        a = self.attachments
+        with self._tx(write=not dry_run) as conn:
+            orphans = list(self._orphan_attachments(conn, older_than))
+            if dry_run:
+                return orphans
+            for owner, attachment_id in orphans:
+                conn.execute(
+                    delete(a).where(
+                        a.c.owner == owner, a.c.id == attachment_id, a.c.thread_id.is_(None)
+                    )
+                )
+        self._attachments_removed([attachment_id for _, attachment_id in orphans])
+        return orphans
+
+    # -- schema: tables and version (sync; start-up, health, CLI) ------------------
+    def create_all(self) -> None:
+        """Create the missing tables and record the schema version (idempotent).
+
+        Raises :class:`~flask_chatkit.storage.version.SchemaOutdated` when existing
+        tables are older than this code (e.g. a missing column): that needs a migration.
+        """
+        try:
+            self._create_all()
+        except DBAPIError:  # another process created them between check and CREATE
+            self._create_all()
+
+    def _create_all(self) -> None:
+        with self._tx(write=True) as conn:
+            self.metadata.create_all(conn, checkfirst=True)
+            self._add_attachment_columns(conn)  # schema 2: nullable, a plain ADD COLUMN
+            # Creating tables cannot add other columns: check before recording the version.
+            version_table, where = self.schema_version_table, self._where()
+            check_version(conn, self.metadata, version_table, where, structure_only=True)
+            record_version(conn, version_table)
+
+    def check_schema(self) -> None:
+        """Raise :class:`~flask_chatkit.storage.version.SchemaOutdated` when the
+        database's schema is older than this code (missing tables or columns, or an
+        older recorded version). Call it at start-up to fail fast."""
+        with self._tx() as conn:
+            check_version(conn, self.metadata, self.schema_version_table, self._where())
+
+    def schema_version(self) -> int | None:
+        """The schema version recorded in the database (None: not recorded)."""
+        with self._tx() as conn:
+            return read_version(conn, self.schema_version_table)
+
+    def _where(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def missing_tables(self) -> list[str]:
+        """Names of this store's tables the database does not have (yet)."""
+        inspector = inspect(self.engine)
+        return [name for name in self.metadata.tables if not inspector.has_table(name)]
+
+    # -- export and prune (the CLI) -------------------------------------------------
+    def iter_owner_threads(
+        self, owner_key: str
+    ) -> Iterator[tuple[ThreadMetadata, list[ThreadItem]]]:
+        """Every thread of ``owner_key`` (oldest first) with all its items, oldest first."""
+        t, i = self.threads, self.items
+        with self._tx() as conn:
+            threads = list(
+                conn.execute(
+                    select(t.c.id, t.c.payload)
+                    .where(t.c.owner == owner_key)
+                    .order_by(t.c.created_at, t.c.seq)
+                )
+            )
+        adapter = item_adapter()
+        for row in threads:
+            with self._tx() as conn:
+                payloads = (
+                    conn.execute(
+                        select(i.c.payload)
+                        .where(i.c.thread_id == row.id, i.c.owner == owner_key)
+                        .order_by(i.c.created_at, i.c.seq)
+                    )
+                    .scalars()
+                    .all()
+                )
+            items = [adapter.validate_python(p) for p in payloads]
+            yield ThreadMetadata.model_validate(row.payload), items
+
+    def export_owner(self, owner_key: str) -> Iterator[dict[str, Any]]:
+        """JSON-ready ``{"thread": ..., "items": [...]}`` records for one owner."""
+        for thread, items in self.iter_owner_threads(owner_key):
+            yield {
+                "thread": thread_payload(thread),
+                "items": [item.model_dump(mode="json") for item in items],
+            }
+
+    def prune(self, older_than: datetime, *, dry_run: bool = False) -> list[str]:
+        """Delete whole threads whose last activity is before ``older_than``.
+
+        Last activity is the newest ``created_at`` of the thread and its items.
+        Returns the removed thread ids (``dry_run``: the ids, nothing removed).
+        """
+        cutoff = db_time(older_than)
+        t, i = self.threads, self.items
+        recent_item = exists().where(
+            i.c.owner == t.c.owner, i.c.thread_id == t.c.id, i.c.created_at >= cutoff
+        )
+        query = select(t.c.owner, t.c.id).where(t.c.created_at < cutoff, ~recent_item)
+        removed: list[str] = []
+        attachment_ids: list[str] = []
+        with self._tx(write=True) as conn:
+            by_owner: dict[str, list[str]] = {}
+            for owner, thread_id in conn.execute(query.order_by(t.c.created_at, t.c.seq)):
+                by_owner.setdefault(owner, []).append(thread_id)
+                removed.append(thread_id)
+            if dry_run:
+                return removed
+            for owner, ids in by_owner.items():
+                attachment_ids += self._delete_threads(conn, owner, ids)
+        self._attachments_removed(attachment_ids)
+        return removed

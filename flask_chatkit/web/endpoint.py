@@ -1,10 +1,27 @@
-"""The ChatKit HTTP endpoint: validate, authenticate, check ownership, then bridge.
+"""The ChatKit HTTP endpoint: one request, top to bottom.
 
-Order of checks for ``POST <prefix>``: origin (403, in before_request) →
-method (405) → login with the default context (401) → size (413) → content
-type (415) → JSON and ChatKit schema (400) → a custom context loader →
-ownership of every id the request names (404/409) — all before ChatKit runs, so a stream is
-never half-started for a request that was going to fail.
+``POST <prefix>`` goes: origin (403, in ``before_request``) → method (405) → login
+with the default context (401) → the body, read once and bounded (413), JSON (415),
+parsed once (400) → the request's own checks (400/413) → the context loader → 501 for
+an operation the server lacks → the store's checks (404/409/400) → ChatKit. Every
+check runs before ChatKit (``web/checks.py``), so a stream never half-starts for a
+request that was going to fail.
+
+Where ChatKit runs:
+
+* **Store reads** (``threads.get_by_id``, ``threads.list``, ``items.list``) with the
+  SDK's own ``process()`` and the built-in ``SQLAlchemyStore`` on SQLite run right
+  here, on the request's greenlet or thread: the store answers synchronously when no
+  loop is running. No thread hand-off at all. Anything that could need the loop
+  (another store, an overridden ``process()``, PostgreSQL) goes to the loop.
+* **Everything else** goes to the worker's loop thread: a plain request is one round
+  trip (``LoopThread.run``); a stream is one task that checks, runs ChatKit and pumps
+  the result, and this greenlet waits once, for the first chunk.
+
+ChatKit is handed the request parsed here: ``ChatKitServer.process()`` would parse
+the raw body again (building a ``TypeAdapter`` per call). With an overridden
+``process()``, or an SDK whose ``process()`` changed, the raw body goes to
+``process()`` as usual: slower, never wrong.
 """
 
 from __future__ import annotations
@@ -15,41 +32,36 @@ import re
 from collections.abc import AsyncIterable
 from typing import Any
 
-from chatkit.server import StreamingResult
-from chatkit.store import AttachmentStore, NotFoundError, Store
-from chatkit.types import AttachmentsDeleteReq, ChatKitReq, ThreadsCreateReq, is_streaming_req
+from chatkit.logger import logger as sdk_logger
+from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
+from chatkit.types import (
+    ChatKitReq,
+    ItemsListReq,
+    ThreadsGetByIdReq,
+    ThreadsListReq,
+    is_streaming_req,
+)
+from chatkit.version import __version__ as sdk_version
 from flask import Blueprint, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from ..attachments import FileAttachmentStore, is_uploaded, not_uploaded_yet
-from ..bridge.loop import Failure
-from ..bridge.stream import Plain, Stream
+from ..bridge.loop import NeedsLoop, Outcome, run_inline
+from ..bridge.stream import Stream
 from ..context import new_request_id, require_login
-from ..state import ChatKitState, get_state
-from .body import ContextKeepingBody
-from .errors import (
+from ..errors import (
     ChatKitHTTPException,
     classify_exception,
     error_response,
     http_exception_response,
     method_not_allowed,
 )
-from .json_limits import check_metadata_size
-from .new_thread import hold_until_stored
+from ..state import ChatKitState, get_state
+from ..storage.sql import SQLAlchemyStore
+from .checks import check_against_store, check_implemented, check_request
 from .observe import RequestObserver, count_error_response
-from .peek import request_body
-from .preconditions import check_implemented, check_items_exist, check_sdk_preconditions
-from .protocol import (
-    clamp_page_limit,
-    iter_owned_refs_checks,
-    limit_lists,
-    owned_refs,
-    parse_request,
-    process_parsed,
-    serialize_request,
-)
+from .request_body import parse_request, request_body, serialize_request
+from .response import ContextKeepingBody, url_rewriter
 from .security import apply_cors, check_origin, preflight_response
-from .urls import url_rewriter
 
 logger = logging.getLogger("flask_chatkit")
 
@@ -137,88 +149,87 @@ def chatkit_endpoint() -> Response:
     if request.mimetype != "application/json":
         raise ChatKitHTTPException(415, "ChatKit requests must be sent as application/json.")
     parsed = parse_request(body)
-    if clamp_page_limit(parsed, settings.max_page_size) | limit_lists(parsed):
+    if check_request(parsed, settings):  # clamped a page limit or dropped repeated ids
         body = serialize_request(parsed)
-    check_metadata_size(parsed.metadata, settings.max_metadata_bytes)
     context = state.context_loader(request, parsed.metadata)
     parsed.metadata = {}  # ChatKit never reads it: only the context keeps its copy
+    check_implemented(state.server, parsed)  # 501 before any store work
     state.ensure_schema()
     thread_id = getattr(parsed.params, "thread_id", None)
     observer = RequestObserver(state, parsed.type, context, thread_id)
     with observer.active():  # the request's span is current while ChatKit runs
-        return run_chatkit_request(state, parsed, body, context, observer)
+        return run_chatkit(state, parsed, body, context, observer)
 
 
-def run_chatkit_request(
+def run_chatkit(
     state: ChatKitState,
     parsed: ChatKitReq,
     body: bytes,
     context: Any,
     observer: RequestObserver,
 ) -> Response:
-    # Flask's app/request contexts and Flask-Login's user live in contextvars:
-    # the copy makes them visible inside respond() on the loop thread.
-    ctx = contextvars.copy_context()
-    defer_new_thread = getattr(state.store, "defer_new_thread", None)
-    if isinstance(parsed, ThreadsCreateReq) and callable(defer_new_thread):
-        ctx.run(defer_new_thread)  # no empty thread if the first write fails
+    server = state.server
 
-    check_implemented(state.server, parsed)  # 501 before any store work
-
-    async def start() -> Any:
-        await verify_ownership(state.server.store, parsed, context, state.attachment_store)
-        await check_sdk_preconditions(state.server.store, parsed, context)
-        return await process_parsed(state.server, parsed, body, context)
+    async def checked_process() -> StreamingResult | NonStreamingResult:
+        await check_against_store(server.store, parsed, context, state.attachment_store)
+        return await process(server, parsed, body, context)
 
     # Stored attachment URLs are relative; they become absolute on a trusted base here.
     rewrite = url_rewriter(settings=state.settings)
-    if not is_streaming_req(parsed):
-        result = state.loop_thread.run(start, ctx)
-        if not isinstance(result, StreamingResult):
+    if isinstance(parsed, INLINE_REQUESTS) and answers_inline(server):
+        try:
+            result = run_inline(checked_process())
+        except NeedsLoop:  # a read: safe to run again, on the loop
+            result = None
+        if isinstance(result, NonStreamingResult):
             observer.responded(200)
             return Response(rewrite(result.json), mimetype="application/json")
-        stream = _new_stream(state, parsed, result, ctx, observer)  # an overridden process()
-        stream.start()
-    else:
+
+    # Flask's app/request contexts and Flask-Login's user live in contextvars:
+    # the copy makes them visible inside respond() on the loop thread.
+    ctx = contextvars.copy_context()
+
+    async def prepare() -> AsyncIterable[bytes] | Outcome:
+        result = await checked_process()
+        if isinstance(result, StreamingResult):
+            return result
+        return Outcome(result)  # plain, or an overridden process()'s choice
+
+    if is_streaming_req(parsed):
         # One task on the loop checks, runs ChatKit and pumps the stream; this
         # greenlet/thread waits once, for the first chunk (or an error, or a
         # plain result from an overridden process()).
-        async def prepare() -> AsyncIterable[bytes] | Plain:
-            result = await start()
-            if not isinstance(result, StreamingResult):
-                return Plain(result)
-            return _stream_source(parsed, result)
-
-        stream = _new_stream(state, parsed, None, ctx, observer)
+        stream = new_stream(state, ctx, observer)
         stream.start(prepare)
-    first = stream.first()
-    if isinstance(first, Failure):  # failed before any byte: still a plain HTTP error
-        raise first.exc
-    if isinstance(first, Plain):
+        first = stream.first()
+    else:
+        plain = state.loop_thread.run(checked_process, ctx)
+        if not isinstance(plain, StreamingResult):
+            observer.responded(200)
+            return Response(rewrite(plain.json), mimetype="application/json")
+        stream = new_stream(state, ctx, observer, plain)  # an overridden process()
+        stream.start()
+        first = stream.first()
+    if isinstance(first, Outcome):  # ended before any byte: still a plain HTTP response
+        result = first.unwrap()
         observer.responded(200)
-        return Response(rewrite(first.value.json), mimetype="application/json")
+        return Response(rewrite(result.json), mimetype="application/json")
     observer.stream_started(first)
     return Response(
         ContextKeepingBody(stream, rewrite), mimetype="text/event-stream", headers=SSE_HEADERS
     )
 
 
-def _stream_source(parsed: ChatKitReq, result: StreamingResult) -> AsyncIterable[bytes]:
-    # A new thread's id goes out only once the thread can be read (see new_thread.py).
-    return hold_until_stored(result) if isinstance(parsed, ThreadsCreateReq) else result
-
-
-def _new_stream(
+def new_stream(
     state: ChatKitState,
-    parsed: ChatKitReq,
-    result: StreamingResult | None,
     ctx: contextvars.Context,
     observer: RequestObserver,
+    source: AsyncIterable[bytes] | None = None,
 ) -> Stream:
     settings = state.settings
     return Stream(
         state.loop_thread,
-        None if result is None else _stream_source(parsed, result),
+        source,
         ctx,
         heartbeat=settings.heartbeat_seconds,
         cancel_timeout=settings.cancel_timeout,
@@ -228,33 +239,63 @@ def _new_stream(
     )
 
 
-async def verify_ownership(
-    store: Store[Any],
-    parsed: ChatKitReq,
-    context: Any,
-    attachment_store: AttachmentStore[Any] | None = None,
-) -> None:
-    """404 for any thread, item or attachment id that is unknown or not the caller's.
+# -- running ChatKit on the parsed request --------------------------------------------
+# Requests that only read the store: answered inline when answers_inline() allows.
+INLINE_REQUESTS = (ThreadsGetByIdReq, ThreadsListReq, ItemsListReq)
+_STORE_READS = ("load_thread", "load_threads", "load_thread_items")
 
-    ChatKit alone answers a foreign ``items.list`` with an empty page and a
-    foreign ``threads.delete`` with ``{}``; checking here makes both a 404.
+# The SDK internals process() calls; checked once per server class.
+_SDK_HANDLERS = ("_process_streaming", "_process_non_streaming")
+# Every global and attribute the SDK's own process() touched when this was written
+# (openai-chatkit 1.x). If an SDK release changes process(), this set changes and
+# the view falls back to calling process() itself: slower, never wrong.
+_KNOWN_PROCESS_NAMES = frozenset(
+    {
+        "NonStreamingResult", "StreamingResult", "TypeAdapter", "ChatKitReq",
+        "validate_json", "logger", "info", "type", "is_streaming_req",
+        "_process_streaming", "_process_non_streaming",
+    }
+)  # fmt: skip
+SDK_PROCESS_UNCHANGED = sdk_version.split(".")[0] == "1" and (
+    frozenset(ChatKitServer.process.__code__.co_names) == _KNOWN_PROCESS_NAMES
+)
+
+
+def uses_sdk_process(server: ChatKitServer[Any]) -> bool:
+    cls = type(server)
+    return (
+        SDK_PROCESS_UNCHANGED
+        and cls.process is ChatKitServer.process
+        and all(callable(getattr(cls, hook, None)) for hook in _SDK_HANDLERS)
+    )
+
+
+def answers_inline(server: ChatKitServer[Any]) -> bool:
+    """Whether a store read may run on the request's own greenlet or thread.
+
+    Only with the SDK's ``process()`` over ``SQLAlchemyStore``'s own read methods
+    (possibly behind the telemetry wrapper): those never need a running loop. Only on
+    SQLite: on PostgreSQL, reads through the loop and the store's threads measured
+    faster than psycopg's waits on the request's greenlet (docs: performance).
     """
-    refs = owned_refs(parsed)
-    # A user message may only carry attachments whose bytes have arrived.
-    must_be_uploaded = not isinstance(parsed, AttachmentsDeleteReq)
-    for kind, ref_id in iter_owned_refs_checks(refs):
-        try:
-            if kind == "thread":
-                await store.load_thread(ref_id, context=context)
-            else:
-                attachment = await store.load_attachment(ref_id, context=context)
-                if not must_be_uploaded:
-                    continue
-                if isinstance(attachment_store, FileAttachmentStore):
-                    await attachment_store.confirm_uploaded(attachment, context)
-                elif not is_uploaded(attachment):
-                    raise not_uploaded_yet(ref_id)
-        except NotFoundError:
-            raise ChatKitHTTPException(404, f"{kind.capitalize()} {ref_id} not found.") from None
-        if kind == "thread" and ref_id == refs.thread_id and refs.item_ids:
-            await check_items_exist(store, ref_id, refs.item_ids, context)
+    store = getattr(server.store, "inner", server.store)  # telemetry's TimedStore
+    return (
+        uses_sdk_process(server)
+        and isinstance(store, SQLAlchemyStore)
+        and store.dialect == "sqlite"
+        and all(
+            getattr(type(store), name) is getattr(SQLAlchemyStore, name) for name in _STORE_READS
+        )
+    )
+
+
+async def process(
+    server: ChatKitServer[Any], request: ChatKitReq, raw_body: bytes, context: Any
+) -> StreamingResult | NonStreamingResult:
+    """Equivalent of ``server.process(raw_body, context)`` for an already parsed request."""
+    if not uses_sdk_process(server):
+        return await server.process(raw_body, context)
+    sdk_logger.info(f"Received request op: {request.type}")
+    if is_streaming_req(request):
+        return StreamingResult(server._process_streaming(request, context))
+    return NonStreamingResult(await server._process_non_streaming(request, context))

@@ -25,8 +25,8 @@ from typing import Any
 
 from flask import Response, request
 
+from ..errors import method_not_allowed
 from ..state import ChatKitState, get_state
-from .errors import method_not_allowed
 
 logger = logging.getLogger("flask_chatkit")
 

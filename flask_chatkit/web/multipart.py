@@ -23,8 +23,8 @@ from werkzeug.sansio.multipart import (
     MultipartDecoder,
 )
 
+from ..errors import ChatKitHTTPException
 from ..storage.offload import cooperate
-from .errors import ChatKitHTTPException
 
 READ_SIZE = 64 * 1024
 MAX_FIELD_BYTES = 64 * 1024  # other (non-file) fields are read and dropped

@@ -20,19 +20,33 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from blinker import NamedSignal
 from flask import Flask, current_app, has_app_context
 from werkzeug.exceptions import HTTPException
 
 from .. import signals
-from ..bridge.stream import Outcome, StreamStats
+from ..bridge.stream import StreamEnd, StreamStats
 from ..config import Settings
-from .errors import classify_exception
+from ..errors import classify_exception
 
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from ..state import ChatKitState
     from ..telemetry import Telemetry
+
+logger = logging.getLogger("flask_chatkit")
+
+
+def send_signal(signal: NamedSignal, sender: Any, **kwargs: Any) -> None:
+    """Call each receiver; one that raises is logged and the others still run."""
+    if not signal.receivers:  # the common case: nothing connected, nothing to do
+        return
+    for receiver in signal.receivers_for(sender):
+        try:
+            receiver(sender, **kwargs)
+        except Exception:
+            logger.exception("receiver %r of signal %r failed", receiver, signal.name)
 
 
 class ChatKitErrorEvent(Exception):
@@ -49,7 +63,10 @@ class ChatKitErrorEvent(Exception):
 
 
 class _RespondError:
-    exc: BaseException | None = None
+    __slots__ = ("exc",)
+
+    def __init__(self) -> None:
+        self.exc: BaseException | None = None
 
 
 # Set per request before the view copies its context for the loop, so the
@@ -144,6 +161,11 @@ _STREAM_SIGNALS = (
 class RequestObserver:
     """Sends the request's signals and keeps its span and stream metrics."""
 
+    __slots__ = (
+        "_attributes", "_respond_error", "_span", "_token", "app", "context", "op", "started",
+        "telemetry", "thread_id",
+    )  # fmt: skip
+
     def __init__(self, state: ChatKitState, op: str, context: Any, thread_id: str | None) -> None:
         self.app: Flask = current_app._get_current_object()  # type: ignore[attr-defined]
         self.started = time.monotonic()
@@ -155,7 +177,7 @@ class RequestObserver:
         self._attributes = {"chatkit.op": op}
         self._respond_error = _RespondError()
         _respond_error.set(self._respond_error)
-        signals.send(signals.request_received, self.app, op=op, context=context)
+        send_signal(signals.request_received, self.app, op=op, context=context)
         if self.telemetry is not None:
             start: dict[str, Any] = dict(self._attributes)
             if thread_id:
@@ -183,7 +205,7 @@ class RequestObserver:
     def stream_started(self, first_write: bytes | None) -> None:
         if self.thread_id is None and first_write and self._wants_thread_id():
             self.thread_id = created_thread_id(first_write)
-        signals.send(
+        send_signal(
             signals.stream_started,
             self.app,
             op=self.op,
@@ -199,7 +221,9 @@ class RequestObserver:
         """Parse the new thread's id out of the first event only when someone listens."""
         return self.telemetry is not None or any(signal.receivers for signal in _STREAM_SIGNALS)
 
-    def stream_ended(self, outcome: Outcome, stats: StreamStats, exc: BaseException | None) -> None:
+    def stream_ended(
+        self, outcome: StreamEnd, stats: StreamStats, exc: BaseException | None
+    ) -> None:
         """The bridge's ``on_end``: signals first, then span and metrics."""
         if outcome == "failed" and exc is None:
             exc = stream_failure(stats, self._respond_error)
@@ -230,7 +254,7 @@ class RequestObserver:
         self._end_span(span_attributes, error=exc, failed=outcome == "failed")
 
     def _send_end_signal(
-        self, outcome: Outcome, stats: StreamStats, exc: BaseException | None
+        self, outcome: StreamEnd, stats: StreamStats, exc: BaseException | None
     ) -> None:
         kwargs: dict[str, Any] = {
             "op": self.op,
@@ -240,11 +264,11 @@ class RequestObserver:
             "duration": stats.duration,
         }
         if outcome == "finished":
-            signals.send(signals.stream_finished, self.app, **kwargs)
+            send_signal(signals.stream_finished, self.app, **kwargs)
         elif outcome == "cancelled":
-            signals.send(signals.stream_cancelled, self.app, **kwargs)
+            send_signal(signals.stream_cancelled, self.app, **kwargs)
         else:
-            signals.send(signals.stream_failed, self.app, exc=exc, **kwargs)
+            send_signal(signals.stream_failed, self.app, exc=exc, **kwargs)
 
     def _end_span(
         self,
@@ -270,7 +294,7 @@ class RequestObserver:
 def attachment_stored(attachment_id: str, size: int | None, context: Any) -> None:
     """An upload route stored an attachment's bytes and row."""
     app = current_app._get_current_object()  # type: ignore[attr-defined]
-    signals.send(
+    send_signal(
         signals.attachment_stored, app, attachment_id=attachment_id, size=size, context=context
     )
 

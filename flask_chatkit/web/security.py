@@ -11,7 +11,7 @@ from __future__ import annotations
 from flask import Response, request
 
 from ..config import Settings
-from .errors import ChatKitHTTPException
+from ..errors import ChatKitHTTPException
 
 PREFLIGHT_MAX_AGE = "600"
 ALLOWED_METHODS = "GET, POST, PUT, OPTIONS"

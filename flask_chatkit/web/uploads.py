@@ -37,13 +37,13 @@ from ..attachments import (
     mark_uploaded,
     normalize_mime,
 )
+from ..errors import ChatKitHTTPException, method_not_allowed
 from ..state import ChatKitState, get_state
 from ..storage.disk import AttachmentTooLarge, is_valid_attachment_id
 from ..storage.offload import cooperate
-from .errors import ChatKitHTTPException, method_not_allowed
 from .multipart import MultipartFile
 from .observe import attachment_stored
-from .urls import url_rewriter
+from .response import url_rewriter
 
 T = TypeVar("T")
 

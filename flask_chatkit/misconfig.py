@@ -13,9 +13,9 @@ from typing import Any
 
 from flask import Flask
 
-from ..config import Settings
-from ..storage.version import SCHEMA_VERSION, SchemaOutdated
+from .config import Settings
 from .errors import ChatKitHTTPException
+from .storage.version import SCHEMA_VERSION, SchemaOutdated
 
 logger = logging.getLogger("flask_chatkit")
 

@@ -119,7 +119,7 @@ def classify_exception(exc: BaseException) -> ChatKitHTTPException | None:
     from chatkit.store import NotFoundError
     from sqlalchemy import exc as sa_exc
 
-    from ..storage.disk import StorageUnavailable
+    from .storage.disk import StorageUnavailable
 
     if isinstance(exc, ChatKitHTTPException):
         return exc

@@ -1,0 +1,105 @@
+"""What the view sends back: absolute attachment URLs, and the body of a stream.
+
+* **URLs.** Attachments are stored with ``chatkit-app:///attachments/<id>/…`` URLs,
+  relative to the blueprint. Each response turns them into absolute URLs on a trusted
+  base — ``CHATKIT_PUBLIC_URL``, else ``SERVER_NAME``, else the request's own host.
+* **The stream's body keeps the request's Flask contexts alive until it closes.**
+  ``respond`` keeps running on the loop after the view has returned, and it may use
+  the request's app context (Flask-SQLAlchemy's ``db.session`` is scoped to it)
+  through ``sync_to_async``. Flask tears a context down at its last pop, and since
+  Flask 3.1 ``stream_with_context`` pushes its contexts only when the body is first
+  iterated, so the view's own pop would be the last one and ``db.session`` would be
+  closed under a running ``respond``. So the body takes one more reference to both
+  contexts while the view still runs and gives them back when it is read to the end
+  or closed (the WSGI server calls ``close()`` after the last write or when the
+  client leaves, even if iteration never started). Teardown then runs exactly once,
+  after the stream has ended, in the thread or greenlet that served the request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+from flask import Config, Request, current_app, has_request_context, request
+from flask.globals import _cv_app, _cv_request
+
+from ..attachments import APP_URL
+from ..bridge.stream import Stream
+from ..config import Settings
+
+_APP_URL_JSON = b'"' + APP_URL.encode()
+
+
+class ContextKeepingBody:
+    """The WSGI iterable of a ChatKit stream; create it inside the view.
+
+    ``rewrite`` is applied to each write (stored relative attachment URLs made absolute).
+    """
+
+    __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream")
+
+    def __init__(self, stream: Stream, rewrite: Callable[[bytes], bytes]) -> None:
+        self._stream = stream
+        self._rewrite = rewrite
+        self._app_ctx = _cv_app.get()
+        self._request_ctx = _cv_request.get()
+        # One more push of each: the view's own pops are then not the last ones.
+        self._app_ctx.push()
+        self._request_ctx.push()
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        try:
+            for write in self._stream:
+                yield self._rewrite(write)
+        finally:  # read to the end (a test client may never call close())
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._stream.close()  # ends the stream first: its end signals see the contexts
+        finally:
+            # Reverse order of the pushes; the last pop of each runs Flask's teardown.
+            try:
+                self._request_ctx.pop()
+            finally:
+                self._app_ctx.pop()
+
+
+def _base(settings: Settings, config: Config, current: Request | None) -> str:
+    if settings.public_url:
+        base = settings.public_url
+    elif config.get("SERVER_NAME"):
+        root = str(config.get("APPLICATION_ROOT") or "/").rstrip("/")
+        base = f"{config.get('PREFERRED_URL_SCHEME') or 'http'}://{config['SERVER_NAME']}{root}"
+    elif current is not None:
+        base = current.url_root.rstrip("/")
+    else:
+        base = ""
+    return base + settings.url_prefix
+
+
+def url_rewriter(settings: Settings) -> Callable[[bytes], bytes]:
+    """A function making stored ``chatkit-app:///`` URLs in a JSON body absolute.
+
+    Call it inside the request; the base is worked out only for a body that
+    holds such a URL (most hold none: ``request.url_root`` is not free).
+    """
+    config = current_app.config
+    current = request._get_current_object() if has_request_context() else None  # type: ignore[attr-defined]
+    replacement: bytes | None = None
+
+    def rewrite(body: bytes) -> bytes:
+        nonlocal replacement
+        if _APP_URL_JSON not in body:
+            return body
+        if replacement is None:
+            base = _base(settings, config, current)
+            replacement = b'"' + json.dumps(base + "/")[1:-1].encode()
+        return body.replace(_APP_URL_JSON, replacement)
+
+    return rewrite
