@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -12,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gunicorn
 
@@ -38,15 +40,44 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.
     raise TimeoutError(f"gunicorn did not listen on {port} within {timeout}s")
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 15) -> None:
-    """SIGTERM, then SIGKILL if it has not exited within ``timeout``."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``.
+
+    A gunicorn master that is SIGKILLed leaves its workers behind (they only notice
+    the master is gone at their next check): they are SIGKILLed too, by pid, found
+    before the master goes."""
+    if proc.poll() is not None:
+        return
+    children = _children(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+    for pid in children:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)  # a worker that outlived its master
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(
+        ["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False
+    ).stdout
+    return [int(child) for child in out.split()]
+
+
+# The markers of the test being set up (tests/conftest.py sets it): a test that starts
+# a real server must carry ``integration``, or test-min (``-m "not integration"``) would
+# run it too. None outside pytest (bench/ uses these helpers as well).
+current_test_markers: set[str] | None = None
+
+
+def require_integration_marker() -> None:
+    if current_test_markers is not None and "integration" not in current_test_markers:
+        raise AssertionError(
+            "this test starts a real server: mark it @pytest.mark.integration"
+        )
 
 
 @dataclass
@@ -81,6 +112,7 @@ def start_gunicorn(
     """``graceful_timeout=None`` keeps gunicorn's default; a ``cwd`` without a
     ``gunicorn.conf.py`` runs gunicorn with no config file at all. ``cwd`` and
     ``executable`` also serve an app outside the repo (README, installed wheel)."""
+    require_integration_marker()
     port = free_port()
     log_path = tmp_path / f"gunicorn-{port}.log"
     args = [
@@ -121,6 +153,7 @@ def start_flask_run(
     tmp_path: Path, app_spec: str, env: dict[str, str] | None = None
 ) -> Iterator[str]:
     """``flask --app APP_SPEC run`` (Werkzeug's dev server) on a free port; yields its URL."""
+    require_integration_marker()
     port = free_port()
     child_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
     args = [sys.executable, "-m", "flask", "--app", app_spec, "run", "--port", str(port)]
@@ -130,5 +163,4 @@ def start_flask_run(
         wait_for_port(port, proc)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=10)
+        stop_process(proc, timeout=10)

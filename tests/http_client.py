@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import socket
+import struct
 import time
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlparse
 
@@ -65,3 +67,34 @@ def read_until_delta(response: Any, limit: int = 1000) -> bytes:
         limit -= 1
         assert limit > 0, seen[-300:]
     raise AssertionError(f"the stream ended before any delta: {seen[-300:]!r}")
+
+
+def recv_until(
+    sock: socket.socket, done: Callable[[bytes], bool], timeout: float = 20
+) -> bytes:
+    """Read until ``done(received)``; fails at EOF or after ``timeout`` s (never loops on)."""
+    received = b""
+    deadline = time.monotonic() + timeout
+    while not done(received):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"not seen within {timeout}s: {received[-300:]!r}")
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the server closed the connection: {received[-300:]!r}")
+        received += chunk
+    return received
+
+
+def reset(sock: socket.socket) -> None:
+    """Drop the connection abruptly (RST, SO_LINGER 0), like a browser tab going away;
+    closes the socket whatever happens; a socket already closed is left alone."""
+    if sock.fileno() == -1:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    except OSError:
+        pass
+    finally:
+        sock.close()

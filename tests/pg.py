@@ -5,13 +5,12 @@
 ``store_url``: a fresh database per test, on SQLite and on PostgreSQL.
 ``sql_store``: a ``SQLAlchemyStore`` with its tables on ``store_url``.
 ``fresh_database(cluster)``: an empty database of its own, dropped afterwards.
-When PostgreSQL cannot be started the PostgreSQL tests are skipped LOUDLY.
+When PostgreSQL cannot be started the PostgreSQL tests are skipped LOUDLY (under
+``CI=true`` they fail: tests/components.py).
 """
 
 from __future__ import annotations
 
-import sys
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,22 +20,16 @@ import pytest
 from bench.pgcluster import ClusterUnavailable, PostgresCluster
 from flask_chatkit.storage.sql import SQLAlchemyStore
 
+from .components import unavailable
+
 __all__ = ["PostgresCluster", "fresh_database"]
-
-
-def _unavailable(reason: str) -> None:
-    message = f"\n!!!!! PostgreSQL tests SKIPPED: {reason.strip()} !!!!!\n"
-    print(message, file=sys.__stderr__, flush=True)
-    warnings.warn(message, stacklevel=2)
-    pytest.skip(message)
 
 
 def _create_cluster() -> PostgresCluster:
     try:
         return PostgresCluster.create()
     except ClusterUnavailable as exc:
-        _unavailable(str(exc))
-        raise  # unreachable: skip raises
+        unavailable("PostgreSQL", str(exc))
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,8 @@ picks what ``respond`` does (``key=value`` words, see :class:`SyncServer`):
 ``op=iter n=N delay=S``       a sync generator through sync_to_async_iter, ``time.sleep``
                               between words; ``hang_at=K hang=S`` blocks before word K;
                               ``marker=NAME`` makes its ``finally`` write
-                              ``$CHATKIT_TEST_MARKER_DIR/NAME``
+                              ``$CHATKIT_TEST_MARKER_DIR/NAME`` (and the hang
+                              first touch ``NAME.hanging``)
 
 Environment: ``CHATKIT_TEST_DB_URL`` (the app's and the ChatKit store's database),
 ``CHATKIT_TEST_MARKER_DIR``, plus any ``CHATKIT_*`` config key.
@@ -112,6 +113,8 @@ def slow_words(options: dict[str, str]) -> Iterator[str]:
     seen = "exhausted"
     try:
         for index in range(count):
+            if index == hang_at and marker:  # tests wait for this, not for a clock
+                (Path(os.environ["CHATKIT_TEST_MARKER_DIR"]) / f"{marker}.hanging").touch()
             time.sleep(hang if index == hang_at else delay)
             yield f"w{index} "
     except BaseException as exc:  # GeneratorExit at the yield, GreenletExit in a sleep

@@ -36,7 +36,7 @@ from flask_chatkit.testing import ChatKitClient
 
 from .apps import create_test_app
 from .gunicorn import start_gunicorn
-from .http_client import cookie_header, logged_in_session, user_input
+from .http_client import cookie_header, logged_in_session, recv_until, user_input
 from .s3 import S3Server
 
 ALICE = SimpleNamespace(user_id="alice")
@@ -68,28 +68,39 @@ def test_first_upload_wins_and_the_second_is_409(tmp_path: Path) -> None:
         attachment = create_attachment(alice, server.url, size)
         path = f"/chatkit/attachments/{attachment['id']}/upload"
 
-        slow = socket.create_connection(("127.0.0.1", server.port), timeout=15)
-        slow.sendall(
-            (
-                f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
-                f"Content-Length: {size}\r\nCookie: {cookie_header(alice)}\r\n"
-                "Connection: close\r\n\r\n"
-            ).encode()
-            + b"S" * 1000
-        )
-        time.sleep(0.5)  # the slow upload has claimed the row and is streaming
-        fast = alice.put(f"{server.url}{path}", data=b"F" * size, timeout=10)
-        assert fast.status_code == 409, fast.text
-        assert fast.json()["error"]["code"] == "conflict"
+        engine = sa.create_engine(env["CHATKIT_DATABASE_URL"])
 
-        slow.sendall(b"S" * (size - 1000))
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = slow.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-        slow.close()
+        def upload_state() -> str | None:
+            with engine.connect() as conn:
+                return conn.execute(
+                    sa.text("SELECT upload_state FROM chatkit_attachments WHERE id = :id"),
+                    {"id": attachment["id"]},
+                ).scalar()
+
+        slow = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        try:
+            slow.sendall(
+                (
+                    f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: text/plain\r\n"
+                    f"Content-Length: {size}\r\nCookie: {cookie_header(alice)}\r\n"
+                    "Connection: close\r\n\r\n"
+                ).encode()
+                + b"S" * 1000
+            )
+            # Ordered by the event, not a clock: the slow upload holds the claim.
+            deadline = time.monotonic() + 20
+            while upload_state() != "uploading":
+                assert time.monotonic() < deadline, upload_state()
+                time.sleep(0.02)
+            fast = alice.put(f"{server.url}{path}", data=b"F" * size, timeout=10)
+            assert fast.status_code == 409, fast.text
+            assert fast.json()["error"]["code"] == "conflict"
+
+            slow.sendall(b"S" * (size - 1000))
+            answer = recv_until(slow, lambda seen: b"\r\n\r\n" in seen)
+        finally:
+            slow.close()
+        engine.dispose()
         assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
 
         content = alice.get(f"{server.url}/chatkit/attachments/{attachment['id']}/content")
@@ -290,6 +301,7 @@ def test_prune_removes_unsent_attachments_rows_and_bytes(
     assert ids == {sent, fresh_unsent}
 
 
+@pytest.mark.integration
 def test_interrupted_upload_leaves_no_part_file_after_restart(tmp_path: Path) -> None:
     files = tmp_path / "files"
     env = {"CHATKIT_ATTACHMENTS_DIR": str(files)}

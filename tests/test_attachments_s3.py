@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -19,12 +20,16 @@ import requests
 from flask import Flask
 from flask.testing import FlaskClient
 
+from flask_chatkit.storage.disk import StorageUnavailable
 from flask_chatkit.storage.s3 import S3Storage, parse_s3_url
 from flask_chatkit.testing import ChatKitClient, ChatKitHTTPError
 
+from . import helpers
 from .apps import create_test_app
+from .components import unavailable
+from .gunicorn import stop_process
 from .http_client import user_input
-from .s3 import S3Server
+from .s3 import S3Server, start_s3_server
 
 LIMIT = 12 * 1024 * 1024  # above the 8 MiB part size: big uploads go multipart
 
@@ -241,19 +246,70 @@ def test_missing_bucket_is_a_clear_503(
     assert "Traceback" not in response.get_data(as_text=True)
 
 
-def test_bad_credentials_are_named(
-    s3_bucket: str, s3_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    storage = S3Storage(f"s3://{s3_bucket}")
-    storage.check()  # fine with the right configuration
-    assert storage.stat("atc_missing") is None
-    # Unreachable endpoint: StorageUnavailable naming the bucket.
-    from flask_chatkit.storage.disk import StorageUnavailable
+@pytest.fixture(scope="module")
+def strict_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[S3Server, str]]:
+    """A moto server of its own that checks credentials after its first request (which
+    creates the bucket): every later request signed with unknown keys is refused (403),
+    as AWS or MinIO refuse them."""
+    try:
+        server = start_s3_server(
+            tmp_path_factory.mktemp("s3-strict"), extra_env={"INITIAL_NO_AUTH_ACTION_COUNT": "1"}
+        )
+    except (OSError, RuntimeError, TimeoutError) as exc:
+        unavailable("the S3 server (moto, with credential checks)", str(exc))
+    try:
+        bucket = "chatkit-strict"
+        server.client().create_bucket(Bucket=bucket)
+        yield server, bucket
+    finally:
+        stop_process(server.proc)
 
+
+@pytest.fixture
+def strict_env(
+    strict_s3: tuple[S3Server, str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[S3Server, str]:
+    for key, value in strict_s3[0].env.items():
+        monkeypatch.setenv(key, value)
+    return strict_s3
+
+
+def test_bad_credentials_are_named(
+    strict_env: tuple[S3Server, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, bucket = strict_env
+    # The bucket exists: what is refused is the key, and the error says so.
+    refused = S3Storage(f"s3://{bucket}")
+    with pytest.raises(StorageUnavailable, match="credentials were refused") as caught:
+        refused.check()
+    assert bucket in str(caught.value)
+    with pytest.raises(StorageUnavailable, match="credentials were refused"):
+        refused.stat("atc_missing")  # a data call, not only the health check
+    # Unreachable endpoint: StorageUnavailable naming the bucket, with another hint.
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://127.0.0.1:9")
-    broken = S3Storage(f"s3://{s3_bucket}")
-    with pytest.raises(StorageUnavailable, match=s3_bucket):
+    broken = S3Storage(f"s3://{bucket}")
+    with pytest.raises(StorageUnavailable, match=bucket) as caught:
         broken.check()
+    assert "credentials were refused" not in str(caught.value)
+
+
+def test_refused_credentials_are_a_503_and_a_log_line(
+    tmp_path: Path, strict_env: tuple[S3Server, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """README: refused credentials are logged with the fix and answered 503
+    ``storage_unavailable``; nothing of the storage's error reaches the client."""
+    _, bucket = strict_env
+    app = helpers.sqlite_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{bucket}/x")
+    web = app.test_client()
+    assert web.post("/login/alice").status_code == 200
+    with caplog.at_level(logging.WARNING, logger="flask_chatkit"):
+        params = {"name": "a.txt", "size": 3, "mime_type": "text/plain"}
+        response = web.post("/chatkit", json={"type": "attachments.create", "params": params})
+    assert response.status_code == 503, response.get_data(as_text=True)
+    assert response.get_json()["error"]["code"] == "storage_unavailable"
+    assert "credentials were refused" in caplog.text and bucket in caplog.text
+    body = response.get_data(as_text=True)
+    assert "Traceback" not in body and "403" not in body and "Forbidden" not in body
 
 
 def test_health_checks_the_bucket(

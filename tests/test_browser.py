@@ -24,6 +24,7 @@ from typing import Any
 
 import pytest
 
+from .components import unavailable
 from .gunicorn import free_port, stop_process
 
 pytestmark = pytest.mark.browser
@@ -45,12 +46,16 @@ WAIT_MS = 15_000  # default bound for every Playwright wait
 WORD_DELAY = "0.05"  # seconds between streamed words: the long answer takes ~12 s
 
 if not Path(CHROMIUM).exists():
-    pytest.skip(
-        f"BROWSER TESTS SKIPPED: {CHROMIUM} is missing. Install Debian's chromium "
-        "(`make system-deps`, or `apt-get install chromium`) to run them.",
+    unavailable(
+        "Chromium",
+        f"{CHROMIUM} is missing. Install Debian's chromium "
+        "(`make system-deps`, or `apt-get install chromium`) to run the browser tests.",
         allow_module_level=True,
     )
-sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is missing")
+try:
+    import playwright.sync_api as sync_api
+except ImportError:
+    unavailable("Playwright", "the playwright package is missing", allow_module_level=True)
 expect = sync_api.expect
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,8 @@ from .http_client import (
     create_request,
     logged_in_session,
     raw_stream_request,
+    recv_until,
+    reset,
     sse_events,
     user_input,
 )
@@ -81,14 +81,10 @@ def test_disconnect_cancels_and_persists_partial_reply(gevent_server: Any) -> No
     sock = raw_stream_request(
         gevent_server.url, cookie_header(session), create_request("words=100 delay=0.05")
     )
-    received = b""
-    deadline = time.monotonic() + 20
-    while received.count(b"thread.item.updated") < 5 and time.monotonic() < deadline:
-        received += sock.recv(65536)
-    assert received.count(b"thread.item.updated") >= 5
-    # Abrupt close (RST), like a browser tab going away.
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sock.close()
+    try:
+        received = recv_until(sock, lambda seen: seen.count(b"thread.item.updated") >= 5)
+    finally:
+        reset(sock)  # abrupt close (RST), like a browser tab going away; on failure too
 
     thread_id = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["thread"]["id"]
     deadline = time.monotonic() + 20
@@ -221,11 +217,10 @@ def test_on_disconnect_finish_completes_reply(tmp_path: Path) -> None:
         sock = raw_stream_request(
             server.url, cookie_header(session), create_request("words=20 delay=0.05")
         )
-        received = b""
-        while b"thread.item.updated" not in received:
-            received += sock.recv(65536)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        try:
+            received = recv_until(sock, lambda seen: b"thread.item.updated" in seen)
+        finally:
+            reset(sock)
         thread_id = json.loads(received.split(b"data: ", 1)[1].split(b"\n", 1)[0])["thread"]["id"]
         deadline = time.monotonic() + 20
         text = ""
@@ -256,11 +251,10 @@ def test_other_worker_classes_stream_and_cancel(
         sock = raw_stream_request(
             server.url, cookie_header(session), create_request("words=100 delay=0.05")
         )
-        received = b""
-        while received.count(b"thread.item.updated") < 3:
-            received += sock.recv(65536)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        sock.close()
+        try:
+            recv_until(sock, lambda seen: seen.count(b"thread.item.updated") >= 3)
+        finally:
+            reset(sock)
         deadline = time.monotonic() + 20
         cancelled = 0
         while time.monotonic() < deadline and cancelled < 1:

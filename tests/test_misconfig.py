@@ -12,6 +12,7 @@ from flask import Flask
 from flask_login import LoginManager, login_user
 
 from flask_chatkit import ChatKit, RequestContext, SQLAlchemyStore
+from flask_chatkit.testing import ChatKitClient
 
 from .apps import ScriptedServer, User
 from .memory_store import MemoryStore
@@ -82,9 +83,15 @@ def test_user_loader_registered_after_chatkit_is_fine() -> None:
         return "ok"
 
     client = app.test_client()
-    assert client.post("/chatkit", json=LIST).status_code == 401  # not signed in yet: a 401
-    client.post("/login")
-    assert client.post("/chatkit", json=LIST).status_code == 200
+    refused = client.post("/chatkit", json=LIST)  # not signed in yet: the JSON 401
+    assert refused.status_code == 401
+    assert refused.get_json()["error"]["code"] == "unauthorized"
+    assert client.post("/login").status_code == 200
+    kit = ChatKitClient(client)
+    assert kit.list_threads().data == []
+    created = [e.thread.id for e in kit.create_thread("words=1") if e.type == "thread.created"]
+    # The loader registered after ChatKit is the one in use: ann's own threads.
+    assert [t.id for t in kit.list_threads().data] == created
 
 
 def test_no_login_manager_while_login_is_required(caplog: pytest.LogCaptureFixture) -> None:
@@ -99,11 +106,25 @@ def test_custom_context_loader_needs_no_login_manager() -> None:
     app = make_app()
     chatkit = ChatKit(app, ScriptedServer, store=MemoryStore())
 
+    loaded: list[str] = []
+
     @chatkit.context_loader
     def load(request: Any, metadata: dict[str, Any]) -> RequestContext:
-        return RequestContext(user_id="token-user")
+        user = request.headers.get("X-Token-User", "nobody")
+        loaded.append(user)
+        return RequestContext(user_id=user)
 
-    assert [r.status_code for r in post_list(app, 2)] == [200, 200]
+    # Two clients with no session at all: who they are comes from the loader only.
+    def client_as(user: str) -> ChatKitClient:
+        client = app.test_client()
+        client.environ_base["HTTP_X_TOKEN_USER"] = user  # sent on every request
+        return ChatKitClient(client)
+
+    tom, una = client_as("tom"), client_as("una")
+    created = [e.thread.id for e in tom.create_thread("words=1") if e.type == "thread.created"]
+    assert [t.id for t in tom.list_threads().data] == created
+    assert una.list_threads().data == []  # the loader's user_id scopes the store
+    assert loaded and set(loaded) == {"tom", "una"}
 
 
 def test_anonymous_mode_without_secret_key(caplog: pytest.LogCaptureFixture) -> None:

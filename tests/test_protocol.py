@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import chatkit.server
@@ -105,23 +109,66 @@ def test_view_never_builds_a_type_adapter_per_request(monkeypatch: pytest.Monkey
     assert built == []
 
 
-def test_fast_path_is_on_for_the_pinned_sdk_and_guards_changes(
-    monkeypatch: pytest.MonkeyPatch,
+# Run in a fresh interpreter: the SDK is changed (or not) BEFORE flask_chatkit is
+# imported, as a different installed SDK would be; then requests go through the test
+# client, and a spy on the SDK's public ChatKitServer.process counts its calls.
+_SDK_PROBE = """
+import sys
+import chatkit.server, chatkit.version
+
+change = sys.argv[1]
+if change == "major":  # the next major version of the SDK
+    chatkit.version.__version__ = "2.0.0"
+elif change == "process":  # a process() that does something new
+    sdk_process = chatkit.server.ChatKitServer.process
+
+    async def process(self, request, context):
+        request = bytes(request)  # something the fast path does not know about
+        return await sdk_process(self, request, context)
+
+    chatkit.server.ChatKitServer.process = process
+
+from flask_chatkit.testing import ChatKitClient
+from tests.apps import create_test_app
+from tests.memory_store import MemoryStore
+
+app = create_test_app(store=MemoryStore())
+client = app.test_client()
+assert client.post("/login/alice").status_code == 200
+kit = ChatKitClient(client)
+kit.list_threads()  # everything imported and decided from here on
+
+calls = []
+current = chatkit.server.ChatKitServer.process
+
+async def spy(self, request, context):
+    calls.append(request)
+    return await current(self, request, context)
+
+chatkit.server.ChatKitServer.process = spy
+created = [e.thread.id for e in kit.create_thread("hi words=2") if e.type == "thread.created"]
+assert [t.id for t in kit.list_threads().data] == created  # served right either way
+print(len(calls))
+"""
+
+
+@pytest.mark.parametrize(
+    ("change", "through_process"),
+    [("none", False), ("major", True), ("process", True)],
+)
+def test_fast_path_is_on_for_the_pinned_sdk_and_off_for_a_changed_one(
+    change: str, through_process: bool
 ) -> None:
-    from flask_chatkit.web import endpoint
-
-    # The installed SDK is the one the fast path was written against.
-    assert endpoint.SDK_PROCESS_UNCHANGED
-    monkeypatch.setattr(endpoint, "SDK_PROCESS_UNCHANGED", False)
-    server = ScriptedServer(MemoryStore())
-    calls: list[bytes] = []
-    original = ScriptedServer.process
-
-    async def spy(self: Any, request: Any, context: Any) -> Any:
-        calls.append(request)
-        return await original(self, request, context)
-
-    monkeypatch.setattr(chatkit.server.ChatKitServer, "process", spy)
-    raw = b'{"type": "threads.list", "params": {}}'
-    asyncio.run(process_parsed(server, parse_request(raw), raw, CONTEXT))
-    assert calls == [raw]
+    """The pinned SDK: requests skip ChatKitServer.process (the fast path). Another
+    major version, or a process() that does something new: every request goes
+    through process() again, and is served the same."""
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(
+        [sys.executable, "-c", _SDK_PROBE, change], cwd=root, env=env,
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    calls = int(result.stdout.split()[-1])
+    assert (calls >= 2) if through_process else (calls == 0), (change, calls)

@@ -130,6 +130,7 @@ def test_request_type_only_names_posts_to_the_endpoint() -> None:
         assert chatkit_request_type() is None
 
 
+@pytest.mark.integration
 def test_limit_under_real_gunicorn(tmp_path: Path) -> None:
     with start_gunicorn(tmp_path, "tests.test_rate_limit:gunicorn_limited_app()") as server:
         # The worker may still be importing the app under load: a generous first wait.

@@ -115,9 +115,12 @@ class FullServer(ScriptedServer):
     async def transcribe(self, audio_input: Any, context: Any) -> TranscriptionResult:
         return TranscriptionResult(text=f"{len(audio_input.data)} bytes")
 
+    actions: list[tuple[str, str, str]] = []  # (thread id, action type, user) it ran
+
     async def sync_action(
         self, thread: Any, action: Any, sender: Any, context: Any
     ) -> SyncCustomActionResponse:
+        FullServer.actions.append((thread.id, action.type, context.user_id))
         return SyncCustomActionResponse()
 
 
@@ -138,7 +141,11 @@ def test_implemented_operations_are_served_and_a_non_widget_sender_is_400(
         "type": "threads.sync_custom_action",
         "params": {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}},
     }
-    assert post(client, action).status_code == 200
+    FullServer.actions.clear()
+    served = post(client, action)
+    assert served.status_code == 200, served.get_data(as_text=True)
+    assert served.get_json() == {}  # the SDK's empty SyncCustomActionResponse, as JSON
+    assert FullServer.actions == [(thread_id, "ping", "alice")]  # sync_action ran, once
     caplog.clear()
     caplog.set_level(logging.DEBUG)
     action["params"]["item_id"] = user_id

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import time
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ from flask_chatkit import signals
 from flask_chatkit.testing import ChatKitClient
 
 from .apps import create_test_app
+from .helpers import login_as, sse_data
 from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
 
@@ -44,7 +44,9 @@ class Recorder:
 
     def _make(self, name: str) -> Any:
         def receiver(sender: Any, **kwargs: Any) -> None:
-            assert sender is self.app
+            # Recorded, not asserted here: the extension logs and swallows a receiver's
+            # exception, so a wrong sender must show up in the calls instead.
+            kwargs["_sender"] = sender
             kwargs["_app"] = current_app.name
             kwargs["_path"] = request.path if has_request_context() else None
             self.calls.append((name, kwargs))
@@ -52,6 +54,8 @@ class Recorder:
         return receiver
 
     def names(self) -> list[str]:
+        strangers = [name for name, kwargs in self.calls if kwargs["_sender"] is not self.app]
+        assert strangers == [], f"heard another app's signals: {strangers}"
         return [name for name, _ in self.calls]
 
     def one(self, name: str) -> dict[str, Any]:
@@ -68,10 +72,6 @@ def recorder(app: Flask) -> Iterator[Recorder]:
         getattr(signals, name).disconnect(receiver)
 
 
-def data_events(body: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line[6:]) for line in body.split(b"\n") if line.startswith(b"data: ")]
-
-
 def test_request_received_for_a_plain_request(alice: ChatKitClient, recorder: Recorder) -> None:
     alice.list_threads()
     assert recorder.names() == ["request_received"]
@@ -83,7 +83,7 @@ def test_request_received_for_a_plain_request(alice: ChatKitClient, recorder: Re
 
 def test_a_finished_stream(client: FlaskClient, alice: Any, recorder: Recorder) -> None:
     response = client.post("/chatkit", json=create_request("words=4"))
-    events = data_events(response.get_data())
+    events = sse_data(response.get_data())
     thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
     assert recorder.names() == ["request_received", "stream_started", "stream_finished"]
     started = recorder.one("stream_started")
@@ -125,7 +125,7 @@ def test_a_cancelled_stream(
 def test_a_failed_stream(client: FlaskClient, alice: Any, recorder: Recorder) -> None:
     response = client.post("/chatkit", json=create_request("fail=1"))
     assert response.status_code == 200  # the stream had begun: an error event ends it
-    assert data_events(response.get_data())[-1]["type"] == "error"
+    assert sse_data(response.get_data())[-1]["type"] == "error"
     failed = recorder.one("stream_failed")
     assert isinstance(failed["exc"], RuntimeError)
     assert str(failed["exc"]) == "respond failed on purpose"
@@ -158,7 +158,7 @@ def test_a_failing_receiver_is_logged_and_the_stream_goes_on(
     try:
         with caplog.at_level(logging.ERROR, logger="flask_chatkit"):
             response = client.post("/chatkit", json=create_request("words=3"))
-            events = data_events(response.get_data())
+            events = sse_data(response.get_data())
     finally:
         signals.stream_started.disconnect(broken)
         signals.stream_finished.disconnect(broken)
@@ -173,10 +173,18 @@ def test_receivers_hear_only_their_own_app(
     alice: ChatKitClient, recorder: Recorder, tmp_path: Any
 ) -> None:
     other = create_test_app(store=MemoryStore(), instance_path=str(tmp_path / "other"))
-    other_client = other.test_client()
-    other_client.post("/login/carol")
-    ChatKitClient(other_client).list_threads()
-    assert recorder.calls == []
+    other_recorder = Recorder(other)
+    try:
+        login_as(other, "carol").create_thread("words=2")
+        # The other app's own receivers heard its stream: signals were sent...
+        assert other_recorder.names() == ["request_received", "stream_started", "stream_finished"]
+        assert recorder.calls == []  # ...but not to the receivers of this app
+        alice.create_thread("words=1")
+        assert recorder.names() == ["request_received", "stream_started", "stream_finished"]
+        assert len(other_recorder.names()) == 3  # and the other way round
+    finally:
+        for name, receiver in zip(ALL, other_recorder._receivers, strict=True):
+            getattr(signals, name).disconnect(receiver)
 
 
 def test_attachment_stored_on_direct_upload(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import threading
 import time
 from collections.abc import Coroutine
 from datetime import datetime
@@ -183,20 +184,38 @@ def test_re_adding_an_item_whose_add_was_cancelled_is_no_clash(store: SQLAlchemy
     worker thread, and ChatKit's handle_stream_cancelled adds its pending copy of
     the same item. That must not fail (it would lose the "stream cancelled" note)."""
     run(store.save_thread(ThreadMetadata(id="thr_1", created_at=T0), ALICE))
+    inserting, release = threading.Event(), threading.Event()
 
-    def slow_item_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        if statement.lstrip().upper().startswith("INSERT INTO CHATKIT_ITEMS"):
-            time.sleep(0.3)
+    def held_item_insert(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        # The first item insert waits (bounded) until the test has cancelled its caller.
+        if statement.lstrip().upper().startswith("INSERT INTO CHATKIT_ITEMS") and (
+            not inserting.is_set()
+        ):
+            inserting.set()
+            release.wait(10)
 
-    sa.event.listen(store.engine, "before_cursor_execute", slow_item_insert)
+    sa.event.listen(store.engine, "before_cursor_execute", held_item_insert)
+
+    async def until(predicate: Any, what: str) -> None:
+        deadline = time.monotonic() + 10
+        while not await predicate():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async def stored() -> bool:
+        page = await store.load_thread_items("thr_1", None, 10, "asc", ALICE)
+        return len(page.data) == 1
 
     async def go() -> None:
         done = msg("thr_1", "msg_1", "final")
         task = asyncio.create_task(store.add_thread_item("thr_1", done, ALICE))
-        await asyncio.sleep(0.1)
-        task.cancel()
+        await until(lambda: asyncio.sleep(0, inserting.is_set()), "the insert never started")
+        task.cancel()  # while the insert is in flight in its worker thread
         with pytest.raises(asyncio.CancelledError):
             await task
+        release.set()
+        await until(stored, "the cancelled caller's insert never committed")
+        # ChatKit's handle_stream_cancelled now adds its pending copy of the same item.
         await store.add_thread_item("thr_1", msg("thr_1", "msg_1", "partial"), ALICE)
         with pytest.raises(DuplicateIdError):  # any further add of that id is a clash
             await store.add_thread_item("thr_1", msg("thr_1", "msg_1", "again"), ALICE)
@@ -204,5 +223,6 @@ def test_re_adding_an_item_whose_add_was_cancelled_is_no_clash(store: SQLAlchemy
     try:
         run(go())
     finally:
-        sa.event.remove(store.engine, "before_cursor_execute", slow_item_insert)
+        release.set()
+        sa.event.remove(store.engine, "before_cursor_execute", held_item_insert)
     assert len(texts(store, "thr_1", ALICE)) == 1

@@ -5,22 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import time
-from collections.abc import AsyncIterator, Iterator
-
-import pytest
+from collections.abc import AsyncIterator
 
 from flask_chatkit.bridge.loop import LoopThread
 from flask_chatkit.bridge.stream import Stream
 
 CHUNK = b"x" * 10_000
 BOUND = 50_000
-
-
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.shutdown()
 
 
 class Source:
@@ -57,14 +48,20 @@ def start(loop_thread: LoopThread, source: Source, mode: str = "cancel") -> Stre
     return stream
 
 
-def settle(source: Source) -> int:
-    """How far the source got once it stopped moving (bounded wait)."""
-    last = -1
-    for _ in range(50):
-        if source.produced == last:
-            return last
-        last = source.produced
-        time.sleep(0.05)
+async def _turns(count: int) -> None:
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
+def settle(loop_thread: LoopThread, source: Source, turns: int = 1000) -> int:
+    """How far the source got after ``turns`` turns of the event loop.
+
+    Decided by loop turns, not a clock: the source produces a chunk per turn it is
+    given, so a pump that never pauses has produced all 100 chunks within these
+    1000 turns, however slowly a busy machine runs them (a starved loop only makes
+    the wait longer, never the answer different)."""
+    future = asyncio.run_coroutine_threadsafe(_turns(turns), loop_thread.loop)
+    future.result(timeout=60)
     return source.produced
 
 
@@ -72,7 +69,7 @@ def test_the_pump_pauses_at_the_bound_and_resumes_when_read(loop_thread: LoopThr
     source = Source()
     stream = start(loop_thread, source)
     # Unbounded, all 100 chunks (1 MB) would be queued by now.
-    paused_at = settle(source)
+    paused_at = settle(loop_thread, source)
     # At most the bound (plus the chunk that crossed it) past what first() took.
     assert paused_at <= 2 * (BOUND // len(CHUNK) + 1), paused_at
     body = b"".join(stream)
@@ -82,7 +79,7 @@ def test_the_pump_pauses_at_the_bound_and_resumes_when_read(loop_thread: LoopThr
 def test_a_cancel_while_paused_lands_inside_the_source(loop_thread: LoopThread) -> None:
     source = Source()
     stream = start(loop_thread, source)
-    assert settle(source) < 100
+    assert settle(loop_thread, source) < 100
     stream.close()  # what WSGI calls on a disconnect
     assert source.cancelled_inside
     assert source.produced < 100
@@ -91,7 +88,7 @@ def test_a_cancel_while_paused_lands_inside_the_source(loop_thread: LoopThread) 
 def test_finish_mode_resumes_a_paused_pump_after_disconnect(loop_thread: LoopThread) -> None:
     source = Source()
     stream = start(loop_thread, source, "finish")
-    assert settle(source) < 100
+    assert settle(loop_thread, source) < 100
     stream.close()
     deadline = time.monotonic() + 5
     while source.produced < 100 and time.monotonic() < deadline:

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import AsyncIterator, Iterator
-
-import pytest
+from collections.abc import AsyncIterator
 
 from flask_chatkit.bridge.loop import LoopThread, Outcome
 from flask_chatkit.bridge.stream import Stream
-
-
-@pytest.fixture(scope="module")
-def loop_thread() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.shutdown()
-
 
 _LOOP: LoopThread | None = None
 

@@ -40,6 +40,10 @@ WORKERS = {
     "gthread": ["--threads", "8", "--graceful-timeout", "1"],
 }
 UPDATED = "thread.item.updated"
+# The blocking calls below last 2 s; made on the loop they stall a neighbour that long.
+# The helpers must keep it under a quarter of that (idle: ~10 ms): precise figures are
+# bench.sync_stall's, this bound only tells working from broken, on a busy machine too.
+MAX_STALL = 0.5
 
 
 def server_env(tmp: Path, db_url: str | None = None) -> dict[str, str]:
@@ -115,7 +119,8 @@ def reply(events: list[tuple[float, dict[str, Any]]]) -> str:
 def test_blocking_sleep_through_the_helper_does_not_stall_neighbours(server: Any) -> None:
     result = neighbour_stall(server.url, "op=work block=sleep:2")
     assert result.reply == "slept=2" and result.took >= 2.0
-    assert result.stall <= 0.05, f"{server.worker_class}: stalled {result.stall * 1000:.0f} ms"
+    # On the loop the 2 s call stalls the neighbour 2 s (the control below): 4x the bound.
+    assert result.stall < MAX_STALL, f"{server.worker_class}: stalled {result.stall:.2f}s"
 
 
 def test_blocking_socket_call_through_the_helper_does_not_stall_neighbours(
@@ -123,7 +128,7 @@ def test_blocking_socket_call_through_the_helper_does_not_stall_neighbours(
 ) -> None:
     result = neighbour_stall(server.url, f"op=work block=socket:{late_answer_port}")
     assert result.reply == "socket=late" and result.took >= 2.0
-    assert result.stall <= 0.05, f"{server.worker_class}: stalled {result.stall * 1000:.0f} ms"
+    assert result.stall < MAX_STALL, f"{server.worker_class}: stalled {result.stall:.2f}s"
 
 
 def test_control_the_same_call_on_the_loop_stalls_neighbours(server: Any) -> None:
@@ -195,25 +200,29 @@ def test_disconnect_closes_the_generator_and_persists_the_partial_reply(server: 
 
 
 def test_disconnect_while_the_generator_blocks_does_not_wait_for_it(server: Any) -> None:
-    """Blocked in a 4 s call at disconnect: the partial reply is saved at once; the
-    generator is killed at once (gevent) or closed when the call returns (threads)."""
+    """Blocked in a HANG s call at disconnect: the partial reply is saved at once; the
+    generator is killed at once (gevent) or closed when the call returns (threads).
+    "At once" is < HANG / 4: waiting for the call would take HANG s."""
+    hang = 8.0
     marker = server.tmp / f"hung-{server.worker_class}"
     session, reader = open_iter_stream(
-        server, "hank", f"op=iter n=50 delay=0.01 hang_at=3 hang=4 marker={marker.name}", deltas=3
+        server, "hank", f"op=iter n=50 delay=0.01 hang_at=3 hang={hang:g} marker={marker.name}",
+        deltas=3,
     )
     thread_id = reader.thread_id()
-    time.sleep(0.3)  # now inside the 4 s call
+    hanging = marker.with_name(f"{marker.name}.hanging")
+    assert wait_for(hanging.exists, 10) is not None, "the generator never reached its hang"
     abort(reader.sock)
     saved_in = wait_for(lambda: saved_reply(session, server.url, thread_id) is not None, 10)
-    assert saved_in is not None and saved_in < 2.0, f"partial reply saved after {saved_in}s"
+    assert saved_in is not None and saved_in < hang / 4, f"partial reply saved after {saved_in}s"
     assert saved_reply(session, server.url, thread_id) == "w0 w1 w2 "
-    closed_in = wait_for(marker.exists, 10)
+    closed_in = wait_for(marker.exists, hang + 10)
     assert closed_in is not None, "the generator's finally never ran"
     ended_by = marker.read_text().split()[0]
     if server.worker_class == "gevent":  # its greenlet was killed inside the call
-        assert ended_by == "GreenletExit" and closed_in < 2.0
+        assert ended_by == "GreenletExit" and closed_in < hang / 4, (ended_by, closed_in)
     else:  # the thread's next() returned after the call, then it was closed
-        assert ended_by == "GeneratorExit" and closed_in > 2.0
+        assert ended_by == "GeneratorExit" and closed_in > hang / 4, (ended_by, closed_in)
 
 
 # -- (b) Flask-SQLAlchemy models inside respond, store on db.engine -------------------

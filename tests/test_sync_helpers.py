@@ -20,11 +20,18 @@ from flask import Flask
 
 from flask_chatkit import sync_to_async, sync_to_async_iter
 from flask_chatkit.bridge.native import NativeThreadPool
-from flask_chatkit.testing import ChatKitClient
 
+from .helpers import login_as
 from .sync_app import Note, create_sync_app, db
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="none")
+
+
+# Timing bounds here tell working from broken by 4x or more: a blocking call of
+# BLOCK seconds that ran on the loop would stall it BLOCK seconds; the helpers must
+# keep the stall under BLOCK / 4 (idle: ~10 ms), even beside two busy processes.
+BLOCK = 2.0
+MAX_STALL = BLOCK / 4
 
 
 class Ticker:
@@ -50,7 +57,7 @@ class Ticker:
 
 def test_sync_to_async_runs_off_the_loop_and_returns() -> None:
     def work(a: int, *, b: int) -> tuple[int, int, str]:
-        time.sleep(0.3)
+        time.sleep(BLOCK)
         return a + b, threading.get_ident(), request_id.get()
 
     async def main() -> tuple[Any, int, float]:
@@ -64,7 +71,7 @@ def test_sync_to_async_runs_off_the_loop_and_returns() -> None:
     assert total == 3
     assert worker_thread != loop_thread
     assert seen_id == "req-1"  # the caller's contextvars
-    assert max_gap < 0.1, f"the loop stalled {max_gap:.3f}s"
+    assert max_gap < MAX_STALL, f"the loop stalled {max_gap:.3f}s"
 
 
 def test_sync_to_async_raises_the_exception_of_func() -> None:
@@ -87,49 +94,70 @@ def test_sync_to_async_rejects_async_functions() -> None:
 
 
 def test_concurrent_calls_run_in_parallel() -> None:
-    async def main() -> float:
-        start = time.monotonic()
-        await asyncio.gather(*(sync_to_async(time.sleep)(0.4) for _ in range(20)))
-        return time.monotonic() - start
+    """Decided by a barrier, not a clock: 20 calls meet inside func at the same time,
+    which only calls running in parallel can do (serialised: the barrier times out)."""
+    meeting = threading.Barrier(20, timeout=10)
 
-    elapsed = asyncio.run(main())
-    assert elapsed < 1.2, f"20 x 0.4 s took {elapsed:.2f}s: calls were serialised"
+    async def main() -> list[int]:
+        return await asyncio.gather(*(sync_to_async(meeting.wait)() for _ in range(20)))
+
+    arrivals = asyncio.run(main())
+    assert sorted(arrivals) == list(range(20))  # every call passed the barrier
+    assert not meeting.broken
 
 
 def test_native_pool_gives_a_burst_one_worker_per_job() -> None:
+    """8 jobs on an 8-worker pool all run at once: they meet at a barrier of 8."""
     pool = NativeThreadPool(8, "burst-test")
+    meeting = threading.Barrier(8, timeout=10)
 
-    async def main() -> float:
-        start = time.monotonic()
-        await asyncio.gather(*(pool.run(time.sleep, 0.3) for _ in range(8)))
-        return time.monotonic() - start
+    async def main() -> list[int]:
+        return await asyncio.gather(*(pool.run(meeting.wait) for _ in range(8)))
 
     try:
-        elapsed = asyncio.run(main())
+        arrivals = asyncio.run(main())
     finally:
         pool.shutdown()
-    assert elapsed < 0.8, f"8 x 0.3 s on 8 workers took {elapsed:.2f}s"
+    assert sorted(arrivals) == list(range(8))
+    assert not meeting.broken
+
+
+def wait_in_loop(event: threading.Event, timeout: float = 10) -> Any:
+    """An awaitable that ends when ``event`` (set by another thread) is set; bounded."""
+
+    async def waiting() -> None:
+        deadline = time.monotonic() + timeout
+        while not event.is_set():
+            assert time.monotonic() < deadline, "the event never came"
+            await asyncio.sleep(0.005)
+
+    return waiting()
 
 
 def test_cancel_is_not_held_up_by_running_func() -> None:
-    finished = threading.Event()
+    """func blocks until released (at most BLOCK s): the cancel must return while it
+    still blocks. Held up by func, it would take BLOCK s, 4x the bound."""
+    started, release, finished = threading.Event(), threading.Event(), threading.Event()
 
     def slow() -> None:
-        time.sleep(1.0)
+        started.set()
+        release.wait(BLOCK)
         finished.set()
 
     async def main() -> float:
         task = asyncio.ensure_future(sync_to_async(slow)())
-        await asyncio.sleep(0.1)
+        await wait_in_loop(started)  # func is running: the order is the event's
         start = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        return time.monotonic() - start
+        took = time.monotonic() - start
+        assert not finished.is_set()  # the cancel came back while func still blocked
+        return took
 
-    assert asyncio.run(main()) < 0.1
-    assert not finished.is_set()
-    assert finished.wait(3)  # func itself ran to its end, off the loop
+    assert asyncio.run(main()) < MAX_STALL
+    release.set()
+    assert finished.wait(BLOCK + 3)  # func itself ran to its end, off the loop
 
 
 class Recorder:
@@ -140,12 +168,20 @@ class Recorder:
         self.ended_by: str | None = None
         self.finally_at: float | None = None
         self.threads: set[int] = set()
+        # Before item ``hang_at`` it sets ``hanging`` and blocks until ``release`` is
+        # set or ``hang`` seconds pass: tests order themselves by these events.
+        self.hanging = threading.Event()
+        self.release = threading.Event()
 
     def __iter__(self) -> Iterator[int]:
         try:
             for index in range(self.count):
                 self.threads.add(threading.get_ident())
-                time.sleep(self.hang if index == self.hang_at else self.delay)
+                if index == self.hang_at:
+                    self.hanging.set()
+                    self.release.wait(self.hang)
+                else:
+                    time.sleep(self.delay)
                 yield index
             self.ended_by = "exhausted"
         except GeneratorExit:
@@ -156,7 +192,7 @@ class Recorder:
 
 
 def test_iter_yields_everything_off_the_loop() -> None:
-    rec = Recorder(5, delay=0.05)
+    rec = Recorder(5, hang_at=2, hang=BLOCK)  # item 2 takes BLOCK s to produce
 
     async def main() -> tuple[list[int], int, float]:
         ticker = Ticker()
@@ -168,7 +204,7 @@ def test_iter_yields_everything_off_the_loop() -> None:
     assert items == [0, 1, 2, 3, 4]
     assert rec.ended_by == "exhausted"
     assert loop_thread not in rec.threads
-    assert max_gap < 0.1
+    assert max_gap < MAX_STALL, f"the loop stalled {max_gap:.3f}s"
 
 
 def test_iter_accepts_any_iterable() -> None:
@@ -228,10 +264,13 @@ def test_exception_in_the_generator_reaches_the_consumer() -> None:
 
 
 def test_cancel_while_next_blocks_returns_at_once_and_closes_later() -> None:
-    rec = Recorder(100, delay=0.01, hang_at=3, hang=1.0)
+    """next() blocks until released (at most BLOCK s). The cancel returns while it
+    blocks, the loop keeps ticking, and the generator is closed only after next()
+    returns (it cannot be interrupted mid-call), at its yield."""
+    rec = Recorder(100, hang_at=3, hang=BLOCK)
     items: list[int] = []
 
-    async def main() -> tuple[float, float, float]:
+    async def main() -> tuple[float, float, bool, float]:
         async def consume() -> None:
             async for item in sync_to_async_iter(iter(rec)):
                 items.append(item)
@@ -239,25 +278,27 @@ def test_cancel_while_next_blocks_returns_at_once_and_closes_later() -> None:
         ticker = Ticker()
         ticker.start()
         task = asyncio.ensure_future(consume())
-        while len(items) < 3:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)  # now blocked inside next() for item 3
+        await wait_in_loop(rec.hanging)  # blocked inside next() for item 3
         cancel_at = time.monotonic()
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         cancelled_in = time.monotonic() - cancel_at
-        for _ in range(300):  # bounded: the blocked next() ends ~0.9 s later
-            if rec.finally_at is not None:
-                break
+        open_at_cancel = rec.finally_at is None  # still inside the blocked next()
+        await asyncio.sleep(0.05)  # a few ticks with next() still blocked
+        released_at = time.monotonic()
+        rec.release.set()
+        deadline = time.monotonic() + 10
+        while rec.finally_at is None and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
-        return cancelled_in, ticker.stop(), cancel_at
+        return cancelled_in, ticker.stop(), open_at_cancel, released_at
 
-    cancelled_in, max_gap, cancel_at = asyncio.run(main())
-    assert cancelled_in < 0.1, "cancellation waited for the blocked next()"
-    assert max_gap < 0.1, "the loop was blocked while next() hung"
+    cancelled_in, max_gap, open_at_cancel, released_at = asyncio.run(main())
+    assert cancelled_in < MAX_STALL, "cancellation waited for the blocked next()"
+    assert max_gap < MAX_STALL, "the loop was blocked while next() hung"
+    assert open_at_cancel
     assert rec.ended_by == "GeneratorExit"  # closed at its yield once next() returned
-    assert rec.finally_at is not None and rec.finally_at - cancel_at > 0.5
+    assert rec.finally_at is not None and rec.finally_at >= released_at
     assert items == [0, 1, 2]  # the item produced after the cancel was dropped
 
 
@@ -302,14 +343,8 @@ def reply_text(events: list[Any]) -> str:
     return "".join(e.update.delta for e in events if isinstance(e, ThreadItemUpdatedEvent))
 
 
-def chat_as(app: Flask, user: str) -> ChatKitClient:
-    client = app.test_client()
-    assert client.post(f"/login/{user}").status_code == 200
-    return ChatKitClient(client)
-
-
 def test_respond_sees_flask_context_and_models_through_the_helper(sync_app: Flask) -> None:
-    alice = chat_as(sync_app, "alice")
+    alice = login_as(sync_app, "alice")
     first = reply_text(alice.create_thread("op=work ctx=1 db=1 note=one"))
     assert first == "user=alice g=set-in-before-request path=/chatkit notes=1"
     second = reply_text(alice.create_thread("op=work db=1 note=two"))
@@ -322,14 +357,14 @@ def test_respond_sees_flask_context_and_models_through_the_helper(sync_app: Flas
 
 
 def test_iter_streams_under_the_test_client(sync_app: Flask, tmp_path: Path) -> None:
-    alice = chat_as(sync_app, "alice")
+    alice = login_as(sync_app, "alice")
     events = alice.create_thread("op=iter n=4 marker=done")
     assert reply_text(events) == "w0 w1 w2 w3 "
     assert (tmp_path / "done").read_text().startswith("exhausted")
 
 
 def test_exception_in_func_is_an_error_event(sync_app: Flask) -> None:
-    alice = chat_as(sync_app, "alice")
+    alice = login_as(sync_app, "alice")
     events = alice.create_thread("op=work fail=1")
     assert any(isinstance(e, ErrorEvent) for e in events)
     assert reply_text(alice.create_thread("op=work ctx=1")).startswith("user=alice")
@@ -337,23 +372,29 @@ def test_exception_in_func_is_an_error_event(sync_app: Flask) -> None:
 
 def test_cancel_during_aclose_closes_once(caplog: pytest.LogCaptureFixture) -> None:
     finals: list[float] = []
+    in_finally, release = threading.Event(), threading.Event()
 
     def slow_cleanup() -> Iterator[int]:
         try:
             yield from range(100)
         finally:
-            time.sleep(0.3)
+            in_finally.set()
+            release.wait(BLOCK)
             finals.append(time.monotonic())
 
     async def main() -> None:
         stream = sync_to_async_iter(slow_cleanup())
         await stream.__anext__()
         closing = asyncio.ensure_future(stream.aclose())
-        await asyncio.sleep(0.1)  # the generator's finally is running now
+        await wait_in_loop(in_finally)  # the generator's finally is running now
         closing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await closing
-        await asyncio.sleep(0.5)
+        release.set()
+        deadline = time.monotonic() + 10
+        while not finals and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)  # room for a (wrong) second close to show up
 
     asyncio.run(main())
     assert len(finals) == 1

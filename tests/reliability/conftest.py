@@ -183,7 +183,10 @@ def raw_request(port: int, cookie: str, payload: dict[str, Any], *,
 
 
 def abort(sock: socket.socket, reset: bool = True) -> None:
-    """Drop the connection abruptly: RST (SO_LINGER 0) or a bare close."""
+    """Drop the connection abruptly: RST (SO_LINGER 0) or a bare close. Idempotent:
+    cleanup paths may call it on a socket already dropped."""
+    if sock.fileno() == -1:
+        return
     try:
         if reset:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

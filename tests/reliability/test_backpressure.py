@@ -9,6 +9,7 @@ reply run to completion and persists all of it.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from pathlib import Path
@@ -47,12 +48,18 @@ def rss(pid: int) -> int:
 def open_non_reader(port: int, cookie: str, text: str) -> tuple[socket.socket, str]:
     """Start a stream, read up to the thread id, then stop reading (tiny receive window)."""
     sock = raw_request(port, cookie, create_payload(text), rcvbuf=4096, timeout=30)
-    reader = StreamReader(sock)
-    assert reader.read_headers() == 200
-    while reader.thread_id() is None:
-        assert reader.next_event() is not None
-    thread_id = reader.thread_id()
-    assert thread_id
+    try:
+        reader = StreamReader(sock)
+        assert reader.read_headers() == 200
+        for _ in range(100):  # bounded: the id is in the first few events
+            if reader.thread_id() is not None:
+                break
+            assert reader.next_event() is not None
+        thread_id = reader.thread_id()
+        assert thread_id
+    except BaseException:
+        abort(sock)
+        raise
     return sock, thread_id
 
 
@@ -77,17 +84,18 @@ def assistant_texts(base_url: str, user: str, thread_id: str) -> list[str]:
 def test_non_reading_clients_hold_bounded_memory_and_are_cancelled_inside_chatkit(
     tmp_path: Path,
 ) -> None:
-    with start_gunicorn(tmp_path, APP_SPEC) as server:
+    with start_gunicorn(tmp_path, APP_SPEC) as server, contextlib.ExitStack() as sockets:
         session = login(server.url, "idle")
         create_thread(session, server.url, "words=3 pad=10000")  # warm up
         cookie = "session=" + session.cookies["session"]
         (pid,) = server.worker_pids()
         baseline = rss(pid)
         # delay: respond awaits between words, as a model call would.
-        streams = [
-            open_non_reader(server.port, cookie, BIG_REPLY + " delay=0.0001")
-            for _ in range(CLIENTS)
-        ]
+        streams = []
+        for _ in range(CLIENTS):
+            sock, thread_id = open_non_reader(server.port, cookie, BIG_REPLY + " delay=0.0001")
+            sockets.callback(abort, sock)  # closed on every path (abort is idempotent)
+            streams.append((sock, thread_id))
         # Unbounded, each of these buffered its whole 20 MB reply (the worker grew
         # ~115 MiB for three 8 MB replies). Bounded: the socket buffers, 256 KiB
         # per stream and the text ChatKit has accumulated so far.
@@ -123,9 +131,11 @@ def test_finish_mode_resumes_a_paused_reply_after_disconnect_and_stores_it_whole
         baseline = rss(pid)
         words = 600  # 6 MB: more than the socket buffers and the stream's own
         sock, thread_id = open_non_reader(server.port, cookie, f"words={words} pad=10000")
-        growth = peak_growth(pid, baseline, 3.0, 30 * MIB)
-        assert not assistant_texts(server.url, "idle", thread_id)  # paused, not done
-        abort(sock)
+        try:
+            growth = peak_growth(pid, baseline, 3.0, 30 * MIB)
+            assert not assistant_texts(server.url, "idle", thread_id)  # paused, not done
+        finally:
+            abort(sock)
         expected = "".join(f"w{n}{'x' * 10000} " for n in range(words))
         assert wait_until(lambda: assistant_texts(server.url, "idle", thread_id) == [expected], 60)
         assert observations(server.url)["cancelled"] == 0

@@ -16,6 +16,7 @@ CHATKIT_CANCEL_TIMEOUT that cannot fit is missing.
 from __future__ import annotations
 
 import asyncio
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -45,7 +46,7 @@ GRACE = 4.0
 CANCEL_TIMEOUT = 1.0
 CANCEL_AFTER = GRACE - CANCEL_TIMEOUT - STOP_MARGIN  # 2 s
 LONG = "words=400 delay=0.05"  # 20 s: far past the grace period
-SHORT_WORDS = 20  # 1 s at 0.05 s a word: ends before the cancel point
+SHORT_WORDS = 10  # ~0.35 s left at the stop (0.05 s a word): ends long before the cancel point
 SHORT = f"words={SHORT_WORDS} delay=0.05"
 CANCEL_MARKER = "The user cancelled the stream"
 USER = "deployer"
@@ -195,11 +196,22 @@ def _assert_replaced_and_saved(
     _assert_finished(store_items(server.url, USER, str(short.thread_id())), short.events)
 
 
+# "At once" in these tests: within a quarter of the time the broken server takes. Cut
+# at once, long replies end ~0 s after the stop, not CANCEL_AFTER (2 s) later; a stop
+# that waits for them ends them at the SIGKILL, GRACE (4 s) after it.
+AT_ONCE = CANCEL_AFTER / 4
+
+
 def _assert_timing(stopped: float, long_ends: list[float], short_end: float) -> None:
     after = [round(end - stopped, 2) for end in long_ends]
-    # Not cut at once (the plan leaves replies 2 s), and ended before the SIGKILL.
-    assert all(CANCEL_AFTER - 0.3 <= t < GRACE - 0.5 for t in after), after
-    assert short_end - stopped < CANCEL_AFTER, short_end - stopped
+    # Not cut at once: the plan leaves replies CANCEL_AFTER s (cut at once: ~0 s).
+    # Ended before the SIGKILL: that is shown by events, not a clock: the SDK's cancel
+    # marker is in the store for each (_assert_cancelled_and_saved), which a killed
+    # worker never writes.
+    assert all(t >= AT_ONCE for t in after), after
+    # The short reply ran to its end while the long ones still streamed (held back
+    # until the cancel point, it would end with them; its text is checked whole).
+    assert short_end < min(long_ends), (short_end - stopped, after)
 
 
 @pytest.mark.timeout(60)
@@ -222,7 +234,6 @@ def test_master_sigterm_saves_every_partial_reply(tmp_path: Path, worker_class: 
     # The worker left its serving loop by itself (a SIGKILL leaves no such line). Its
     # interpreter teardown may still meet the SIGKILL on a loaded machine: harmless.
     assert f"Worker exiting (pid: {worker})" in log, log
-    assert exited < GRACE + 2, log
     assert "cancelled 3 open streams" in log, log
     for reader in longs:
         _assert_cancelled_and_saved(
@@ -274,7 +285,8 @@ def test_cancel_timeout_that_cannot_fit_warns_and_cancels_at_once(tmp_path: Path
         server.proc.send_signal(signal.SIGTERM)
         stopped = time.monotonic()
         ends = [round(t - stopped, 2) for t in _ends(longs)]
-        assert all(t < 1.0 for t in ends), ends
+        # Cancelled at once: not at the SIGKILL 3 s later (4x the bound).
+        assert all(t < 3.0 / 4 for t in ends), ends
         server.proc.wait(timeout=8)
         assert f"Worker exiting (pid: {worker})" in server.log(), server.log()
     for reader in longs:
@@ -315,9 +327,13 @@ def test_quick_shutdown_cancels_at_once_and_saves(tmp_path: Path) -> None:
         server.proc.send_signal(signal.SIGINT)
         stopped = time.monotonic()
         ends = [round(t - stopped, 2) for t in _ends(longs)]
-        assert all(t < 1.0 for t in ends), ends
+        # At once, not after the GRACE s a graceful stop may take (4x the bound).
+        assert all(t < GRACE / 4 for t in ends), ends
         server.proc.wait(timeout=GRACE + 5)
-        assert "cancelled 3 open streams 0.00 s after the stop" in server.log(), server.log()
+        log = server.log()
+        cancelled = re.search(r"cancelled 3 open streams ([0-9.]+) s after the stop", log)
+        assert cancelled is not None, log
+        assert float(cancelled.group(1)) < GRACE / 4, log
     for reader in longs:
         _assert_cancelled_and_saved(
             _stored_items(_db_url(tmp_path), str(reader.thread_id())), reader.deltas()

@@ -40,15 +40,11 @@ def _answers(url: str) -> bool:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_thread_is_readable_as_soon_as_thread_created_arrives(
-    tmp_path: Path, database: str, request: pytest.FixtureRequest
+    tmp_path: Path, store_url: str
 ) -> None:
-    if database == "sqlite":
-        url = f"sqlite:///{tmp_path / 'visible.sqlite3'}"
-    else:
-        url = request.getfixturevalue("pg_cluster").create_database()
-    env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": url}
+    # store_url (tests/pg.py): a SQLite file, or a PostgreSQL database dropped afterwards.
+    env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": store_url}
     with start_gunicorn(tmp_path, APP_SPEC, env=env, workers=2) as server:
         # Both workers answer before the run (booting is slow on a loaded machine).
         assert wait_until(lambda: _answers(server.url), timeout=60)

@@ -176,12 +176,16 @@ def test_outage_between_thread_and_user_message_leaves_no_empty_thread(tmp_path:
     client = app.test_client()
     assert client.post("/login/ada").status_code == 200
     kit = ChatKitClient(client)
-    kit.create_thread("words=2")
+    (first,) = [e.thread.id for e in kit.create_thread("words=2") if e.type == "thread.created"]
     store.fail_next_item = True
     try:
-        kit.create_thread("words=2")
-    except ChatKitHTTPError as exc:  # a 503 before any byte would be fine too
-        assert exc.status == 503
-    empty = [t.id for t in kit.list_threads().data
-             if [i.type for i in kit.list_items(t.id).data][:1] != ["user_message"]]
-    assert empty == [], "a thread without its user message was left behind"
+        events = kit.create_thread("words=2")
+    except ChatKitHTTPError as exc:  # a 503 before any byte is one right answer...
+        assert exc.status == 503, exc
+    else:  # ...a 200 stream that ends in an error event is the other
+        assert events and events[-1].type == "error", [e.type for e in events]
+        assert not [e for e in events if e.type == "thread.item.done"]
+    assert store.fail_next_item is False, "the fault never fired: nothing was tested"
+    threads = [t.id for t in kit.list_threads().data]
+    assert threads == [first], "a thread without its user message was left behind"
+    assert [i.type for i in kit.list_items(first).data][:1] == ["user_message"]

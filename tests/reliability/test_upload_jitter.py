@@ -3,7 +3,7 @@
 One ``gunicorn -k gevent`` worker streams a reply (a delta every 10 ms) while
 eight clients upload 20 MiB each through the direct-upload route, to disk and
 to S3 (a real moto server process). Disk writes, fsync and boto3 calls run on
-native threads, so the largest gap between two deltas must stay ≤ 50 ms.
+native threads, so the largest gap between two deltas must stay ≤ 200 ms.
 Every upload must succeed and land whole.
 """
 
@@ -21,13 +21,16 @@ from pathlib import Path
 import pytest
 
 from tests.gunicorn import start_gunicorn
-from tests.upload_client import release, start_uploads
+from tests.upload_client import release, start_uploads, stop_all, wait_started
 
 from .conftest import APP_SPEC, DELTA, StreamReader, abort, login, raw_request, user_input
 
 UPLOADS = 8
 SIZE = 20 * 1024 * 1024
-MAX_GAP = 0.050
+# Idle: ~28 ms (a delta every 10 ms). A 20 MiB write, fsync or boto3 call run on the
+# hub instead holds every stream for its whole duration (hundreds of ms to seconds);
+# this bound leaves room for two busy processes beside the suite.
+MAX_GAP = 0.200
 
 
 @contextlib.contextmanager
@@ -102,7 +105,11 @@ def test_stream_gap_stays_small_during_uploads(
         source = tmp_path / "payload.bin"
         source.write_bytes(payload)
         uploaders = start_uploads(f"{app.url}/chatkit/attachments", str(source), UPLOADS, cookie)
-        time.sleep(0.5)  # their interpreters have started
+        try:
+            wait_started(uploaders)  # every interpreter is up and waiting
+        except BaseException:
+            stop_all(uploaders)
+            raise
         started = time.monotonic()
         statuses = release(uploaders, timeout=150)
         finished = time.monotonic()
