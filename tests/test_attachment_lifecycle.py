@@ -87,9 +87,10 @@ def test_first_upload_wins_and_the_second_is_409(tmp_path: Path) -> None:
                 ).encode()
                 + b"S" * 1000
             )
-            # Ordered by the event, not a clock: the slow upload holds the claim.
+            # Ordered by the event, not a clock: the slow upload holds the claim
+            # (a claim is stored as "c:<unix seconds>", see storage/sql.py).
             deadline = time.monotonic() + 20
-            while upload_state() != "uploading":
+            while not str(upload_state()).startswith("c:"):
                 assert time.monotonic() < deadline, upload_state()
                 time.sleep(0.02)
             fast = alice.put(f"{server.url}{path}", data=b"F" * size, timeout=10)

@@ -331,6 +331,7 @@ def post_worker_init(worker):
 """
 
 
+@pytest.mark.integration
 def test_full_disk_is_507_and_health_reports_it(tmp_path: Path) -> None:
     limit = 1024 * 1024
     conf = tmp_path / "disk_full.conf.py"
@@ -410,6 +411,7 @@ def test_prune_in_tokyo_keeps_a_fresh_upload(tmp_path: Path) -> None:
 # -- #10 a raw body of exactly the limit ---------------------------------------------------
 
 
+@pytest.mark.integration
 def test_raw_upload_of_exactly_the_limit_passes(tmp_path: Path) -> None:
     app = _disk_app(tmp_path, CHATKIT_MAX_ATTACHMENT_BYTES=1000)
     web = _login(app)
@@ -506,6 +508,7 @@ def test_s3_outage_is_logged_as_storage_unavailable(
 # -- the minimum upload rate -----------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_a_trickling_upload_gets_408_and_the_connection_closes(tmp_path: Path) -> None:
     from flask_chatkit.web.uploads import UPLOAD_GRACE_SECONDS
 

@@ -199,3 +199,24 @@ def test_a_failing_checkpoint_ends_the_stream_with_an_error(tmp_path: Path) -> N
     deltas = [e for e in events if e["type"] == "thread.item.updated"]
     assert 5 <= len(deltas) < 40, len(deltas)
     assert not reply_done(events)
+
+
+def test_a_cancelled_reply_that_opened_a_content_part_is_kept_once(tmp_path: Path) -> None:
+    """The SDK keeps a ``content_part.added``'s content object in its own copy of the
+    item; the checkpoint's copy must not share it, or each later delta lands twice in
+    what the SDK saves when the reply is cancelled."""
+    db = tmp_path / "ckpt.sqlite3"
+    response, chunks = start_stream(
+        tmp_path, "words=60 delay=0.03 part=1", CHATKIT_CHECKPOINT_SECONDS=0.1
+    )
+    events: list[dict[str, Any]] = []
+    for chunk in chunks:
+        events += sse(chunk)
+        if sum(e["type"] == "thread.item.updated" for e in events) >= 15:
+            break  # past a few checkpoints, mid-reply
+    response.close()  # the client leaves: ChatKit saves the partial reply
+    thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
+    rows = [r for r in stored_items(db, thread_id) if r[1] == "assistant_message"]
+    assert len(rows) == 1
+    kept = text_of(rows[0][2])
+    assert kept and words(60).startswith(kept), kept  # each word once, in order

@@ -16,6 +16,7 @@ from typing import Any
 from chatkit.server import ChatKitServer
 from chatkit.types import (
     AssistantMessageContent,
+    AssistantMessageContentPartAdded,
     AssistantMessageContentPartTextDelta,
     AssistantMessageItem,
     ThreadItemAddedEvent,
@@ -69,6 +70,9 @@ class WordServer(ChatKitServer[Any]):
         pad = "x" * int(options.get("pad", 0))
         item = empty_reply(self, thread, context)
         yield ThreadItemAddedEvent(item=item)
+        if options.get("part"):  # open the text part first, as model-driven replies do
+            yield ThreadItemUpdatedEvent(item_id=item.id, update=AssistantMessageContentPartAdded(
+                content_index=0, content=AssistantMessageContent(text="")))  # fmt: skip
         parts = []
         try:
             for index in range(words):

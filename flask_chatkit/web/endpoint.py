@@ -45,6 +45,8 @@ from chatkit.errors import ErrorCode
 from chatkit.logger import logger as sdk_logger
 from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
+    AssistantMessageContentPartAdded,
+    AssistantMessageContentPartDone,
     AssistantMessageItem,
     ChatKitReq,
     ErrorEvent,
@@ -459,6 +461,10 @@ def checkpoints_possible(server: ChatKitServer[Any]) -> bool:
     )
 
 
+# Updates whose content object the SDK stores as is in the item it keeps.
+_SHARED_CONTENT_UPDATES = (AssistantMessageContentPartAdded, AssistantMessageContentPartDone)
+
+
 class _Checkpoints:
     """The assistant messages a stream has in flight, and their checkpoint writes."""
 
@@ -476,6 +482,10 @@ class _Checkpoints:
         """Follow one event of the stream (cheap: no I/O)."""
         if isinstance(event, ThreadItemUpdatedEvent):
             if event.item_id in self.pending:
+                if isinstance(event.update, _SHARED_CONTENT_UPDATES):
+                    # The SDK puts this content object itself into its own copy of the
+                    # item: ours must get another, or every later delta lands twice in it.
+                    event = event.model_copy(deep=True)
                 self.server._update_pending_items(self.pending, event)
                 self.changed.add(event.item_id)
         elif isinstance(event, ThreadItemAddedEvent):

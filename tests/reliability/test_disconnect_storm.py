@@ -57,6 +57,8 @@ SERVER_ENV = {
     # anyio-style re-cancel loses partial replies (see DESIGN.md).
     "CHATKIT_TEST_STORE_DELAY": "0.005",
     "CHATKIT_CANCEL_TIMEOUT": "10",
+    # 200 streams from 4 users at once: the per-user cap (20) is not what this measures.
+    "CHATKIT_MAX_STREAMS_PER_USER": "1000",
 }
 
 
