@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -10,7 +11,6 @@ from chatkit.store import AttachmentStore, Store
 from flask import Flask, current_app
 
 from .bridge.loop import LoopThread
-from .bridge.native import native_lock
 from .config import Settings
 from .context import ContextLoader, default_context_loader
 from .misconfig import LogOnce, login_problem, missing_tables_problem, schema_problem
@@ -31,7 +31,6 @@ class ChatKitState:
     loop_thread: LoopThread
     telemetry: Telemetry | None = None  # set when OpenTelemetry is configured
     _schema_ready: bool = False
-    _schema_lock: Any = field(default_factory=native_lock)
     _setup_ok: bool = False
     _log_once: LogOnce = field(default_factory=LogOnce)
 
@@ -62,7 +61,12 @@ class ChatKitState:
         """
         if self._schema_ready:
             return
-        with self._schema_lock:
+        # Made at first use, inside a request: under gevent threading.Lock is then
+        # gevent's, so a greenlet waiting for it lets the one creating the tables run on
+        # (psycopg waits cooperatively). A native lock would block the hub instead, and
+        # with it the holder: two first requests at once hung the worker.
+        lock = self.__dict__.setdefault("_schema_lock", threading.Lock())
+        with lock:
             if not self._schema_ready:
                 create_all = getattr(self.store, "create_all", None)
                 try:

@@ -91,9 +91,9 @@ def freeze_startup_objects() -> None:
     """Keep what the worker built at start-up out of the garbage collector's full passes.
 
     A full (oldest-generation) collection walks every tracked object and holds the GIL
-    throughout: in a worker with the SDK, SQLAlchemy and boto3 loaded (~260k objects)
-    it took ~100 ms, a pause every open stream of the worker felt (measured as 57 ms
-    gaps between deltas). Objects alive once the app is loaded are modules, classes and
+    throughout: in a worker with the SDK, SQLAlchemy and boto3 loaded that is a pause
+    every open stream of the worker feels as a gap between deltas (figures: docs,
+    benchmarks). Objects alive once the app is loaded are modules, classes and
     the app itself, which live as long as the worker: ``gc.freeze()`` moves them to a
     permanent generation, so later passes walk only what requests create.
     """

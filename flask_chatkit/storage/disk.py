@@ -5,8 +5,8 @@ id only (ids must match ``^[A-Za-z0-9_-]{1,128}$``; the user's file name never
 reaches the disk) and writes atomically (temp file + ``os.replace``; a failed or
 oversized upload leaves nothing behind). Writes and ``fsync`` run off the gevent
 hub, on two native threads per process (:class:`~flask_chatkit.storage.offload.OffloadPool`:
-with a thread per upload, eight uploads' threads starved the hub and the event
-loop of the GIL — a neighbour stream's largest gap went from ~30 to ~80 ms), in
+with a thread per upload, concurrent uploads' threads starved the hub and the event
+loop of the GIL, and neighbour streams stalled; figures in the docs' benchmarks), in
 batches of :data:`WRITE_BATCH` bytes so a large upload costs few hand-offs.
 Temp files are named ``.upload-<pid>-<random>.part``: a worker killed mid-upload
 leaves one behind, and the next :class:`DiskStorage` built over the directory

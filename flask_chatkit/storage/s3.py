@@ -134,7 +134,8 @@ class S3Storage:
                     config = Config(
                         signature_version="s3v4",
                         # botocore's default CRC32 of every body (binascii.crc32)
-                        # holds the GIL ~35 ms per 8 MiB part: it stalled the hub.
+                        # holds the GIL for a whole part: it stalled the hub (docs:
+                        # benchmarks).
                         # S3 does not require it; SigV4 still hashes the payload.
                         request_checksum_calculation="when_required",
                         response_checksum_validation="when_required",

@@ -284,8 +284,8 @@ STREAM_RETRY_AFTER = 5
 
 class StreamSlots:
     """Open streams per owner key in this worker process, capped at
-    ``CHATKIT_MAX_STREAMS_PER_USER``: one user holding hundreds of streams (300
-    that never read) slowed every other user of the worker (a list took 3 s).
+    ``CHATKIT_MAX_STREAMS_PER_USER``: one user holding hundreds of streams that
+    never read slowed every other user of the worker (figures: docs, benchmarks).
 
     A dict of counts behind a native lock (a detached stream ends on a native
     executor thread; the lock is held only for a dict update, never across I/O).
@@ -387,8 +387,9 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
 
     Only with the SDK's ``process()`` over ``SQLAlchemyStore``'s own read methods
     (possibly behind the telemetry wrapper): those never need a running loop. Only on
-    SQLite: on PostgreSQL, reads through the loop and the store's threads measured
-    faster than psycopg's waits on the request's greenlet (docs: performance).
+    SQLite: on PostgreSQL, reads through the loop and the store's threads are
+    faster than psycopg's waits on the request's greenlet (figures: docs,
+    design/request-flow).
     """
     store = getattr(server.store, "inner", server.store)  # telemetry's TimedStore
     return (

@@ -12,15 +12,16 @@
   is scanned again, slice by slice, leaving out what is inside strings.
 * **In time.** The whole body must arrive within ``CHATKIT_BODY_TIMEOUT`` seconds, or
   the client gets 408 and the connection is closed: a client trickling a byte at a
-  time would otherwise hold one of the worker's connections for as long as it likes
-  (55 such sockets starved a gevent worker of 50 connections, health checks
-  included). Under gevent the read runs inside a ``gevent.Timeout``: a real deadline
-  on the whole body. Under threaded workers (gthread, sync) no other thread can
-  interrupt a blocking read, so the deadline is checked between chunk reads and
-  each socket wait is bounded by the time left (``gunicorn.socket``): a client that
-  sends nothing is cut off in time, but one that keeps trickling bytes inside one
-  chunk can overrun it by up to a chunk's worth of waits. There, put a buffering
-  proxy in front (nginx's ``proxy_request_buffering on``; see docs/nginx.conf.example).
+  time would otherwise hold one of the worker's connections for as long as it likes,
+  and a few dozen such sockets starve a gevent worker of its ``worker_connections``,
+  health checks included (figures: docs, benchmarks). Under gevent the read runs
+  inside a ``gevent.Timeout``: a real deadline on the whole body. Under threaded
+  workers (gthread, sync) no other thread can interrupt a blocking read, so the
+  deadline is checked between chunk reads and each socket wait is bounded by the
+  time left (``gunicorn.socket``): a client that sends nothing is cut off in time,
+  but one that keeps trickling bytes inside one chunk can overrun it by up to a
+  chunk's worth of waits. There, put a buffering proxy in front (nginx's
+  ``proxy_request_buffering on``; see docs/nginx.conf.example).
 * **Parsed once.** ``ChatKitServer.process()`` builds ``TypeAdapter(ChatKitReq)`` on
   every call and parses the raw body again; the view parses with one cached adapter
   here and hands the parsed request to the SDK's handlers (``web/endpoint.py``).
