@@ -224,6 +224,32 @@ def test_urls_come_from_the_public_url_and_are_not_stored_absolute(tmp_path: Pat
     assert previews == [f"https://new.example.org/chatkit/attachments/{created['id']}/content"]
 
 
+def test_without_a_public_url_urls_come_from_server_name(tmp_path: Path) -> None:
+    # CHATKIT_PUBLIC_URL unset: the documented fallback is SERVER_NAME (with
+    # PREFERRED_URL_SCHEME and APPLICATION_ROOT), not the Host the request named.
+    app = _app(tmp_path, None)
+    app.config.update(
+        SERVER_NAME="chat.example.com:8443", PREFERRED_URL_SCHEME="https",
+        APPLICATION_ROOT="/app", SESSION_COOKIE_PATH="/",
+    )
+    # The request's own root (another host, http, no /app) differs from that base.
+    web = app.test_client()
+    assert web.post("/login/alice", base_url="http://evil.example/").status_code == 200
+    response = web.post(
+        "/chatkit",
+        json={
+            "type": "attachments.create",
+            "params": {"name": "p.png", "size": 4, "mime_type": "image/png"},
+        },
+        base_url="http://evil.example/",
+    )
+    assert response.status_code == 200, response.get_data(as_text=True)
+    created = response.get_json()
+    base = "https://chat.example.com:8443/app/chatkit/attachments/" + created["id"]
+    assert created["upload_descriptor"]["url"] == f"{base}/upload"
+    assert created["preview_url"] == f"{base}/content"
+
+
 # -- §4: prune reclaims unsent attachments; no .part files after a restart ------
 
 

@@ -183,6 +183,22 @@ def test_console_is_off_by_default_and_follows_the_prefix() -> None:
     assert b'content="/api/kit"' in page.data
 
 
+@pytest.mark.parametrize("debug", [True, False])
+def test_console_is_on_under_app_debug(debug: bool) -> None:
+    # The documented default: CHATKIT_CONSOLE unset, the console follows app.debug
+    # (read once, at init_app).
+    app = bare_app(CHATKIT_LOGIN_REQUIRED=False)
+    app.debug = debug
+    assert "CHATKIT_CONSOLE" not in app.config
+    ChatKit(app, ScriptedServer, store=MemoryStore())
+    page = app.test_client().get("/chatkit/console")
+    if debug:
+        assert page.status_code == 200 and page.mimetype == "text/html"
+        assert b'content="/chatkit"' in page.data
+    else:
+        assert page.status_code == 404
+
+
 def test_console_files_are_not_served_while_the_console_is_off() -> None:
     app = bare_app(CHATKIT_LOGIN_REQUIRED=False)
     ChatKit(app, ScriptedServer, store=MemoryStore())

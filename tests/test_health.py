@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -12,7 +15,7 @@ from sqlalchemy import create_engine, inspect
 
 from flask_chatkit.attachments import FileAttachmentStore
 from flask_chatkit.extension import ChatKit
-from flask_chatkit.web.health import LOOP_TIMEOUT, SENTINEL_ID
+from flask_chatkit.web.health import CHECK_TIMEOUT, LOOP_TIMEOUT, SENTINEL_ID
 
 from .apps import ScriptedServer, create_test_app
 
@@ -151,3 +154,42 @@ def test_a_storage_that_cannot_be_built_is_named(tmp_path: Path) -> None:
     ChatKit(app, ScriptedServer, store=MemoryStore(), attachment_store=UnbuildableStorage())
     checks = assert_unavailable(app.test_client().get("/chatkit/health"), "attachments")
     assert checks == {"event_loop": "ok", "attachments": "unavailable"}
+
+
+def _cluster_pids(cluster: Any) -> list[int]:
+    """The postmaster (first line of postmaster.pid) and every backend it forked."""
+    postmaster = int((cluster.datadir / "postmaster.pid").read_text().split()[0])
+    children = Path(f"/proc/{postmaster}/task/{postmaster}/children").read_text().split()
+    return [postmaster, *map(int, children)]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_database_that_does_not_answer_is_a_timeout(
+    tmp_path: Path, private_pg_cluster: Any
+) -> None:
+    # The server is up but frozen (SIGSTOP of the whole cluster: the connection is
+    # open, the SELECT 1 is never answered), the state a load balancer must see as
+    # "timeout" within the check's bound, with the other checks still answered.
+    client = sql_app(tmp_path, CHATKIT_DATABASE_URL=private_pg_cluster.url).test_client()
+    assert client.get("/chatkit/health").status_code == 200
+    pids = _cluster_pids(private_pg_cluster)
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        checks = assert_unavailable(client.get("/chatkit/health"), "database")
+        elapsed = time.monotonic() - started
+        assert checks == {"event_loop": "ok", "database": "timeout", "attachments": "ok"}
+        # It waited for the database's own bound, and no longer: a hung probe never
+        # holds the route (nor the loop) beyond it.
+        assert CHECK_TIMEOUT - 0.1 <= elapsed < CHECK_TIMEOUT + LOOP_TIMEOUT + 3
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    # Thawed: the hung SELECT 1 completes and the next poll is healthy.
+    deadline = time.monotonic() + 10
+    while (status := client.get("/chatkit/health").status_code) != 200:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.2)

@@ -7,11 +7,20 @@ tests/reliability/test_deploys.py.
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from flask_chatkit.bridge.lifecycle import STOP_MARGIN, StopPlan, find_gunicorn_worker
 from flask_chatkit.bridge.loop import OpenStreams
+
+from .gunicorn import ROOT
+from .helpers import sqlite_url
 
 
 @pytest.mark.parametrize(
@@ -87,3 +96,49 @@ def test_a_stream_started_while_closing_is_cancelled_after_its_first_step() -> N
 
     # Cancelled only once it runs, so its own cancel handling (the save) still happens.
     assert asyncio.run(scenario()) == ["saved"]
+
+
+# A plain script (what `flask run` or a CLI command is to the extension: no gunicorn
+# worker to hook) that leaves a reply streaming and returns normally.
+_EXIT_MID_REPLY = """
+import sys
+from tests.helpers import login_as, sqlite_app
+from tests.http_client import create_request, read_until_delta
+
+app = sqlite_app(__import__("pathlib").Path(sys.argv[1]), CHATKIT_CHECKPOINT_SECONDS=0)
+alice = login_as(app, "alice")
+response = alice.client.post(
+    "/chatkit", json=create_request("words=2000 delay=0.02"), buffered=False
+)
+read_until_delta(response)
+print("MID-REPLY", flush=True)
+# Falls off the end: a normal exit with the reply still streaming (response kept open).
+"""
+
+
+def test_open_replies_are_saved_at_a_normal_exit_outside_gunicorn(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", _EXIT_MID_REPLY, str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "MID-REPLY" in done.stdout
+    # Cancelled at exit, not streamed to its end (2000 words take 40 s).
+    assert elapsed < 20, elapsed
+
+    engine = sa.create_engine(sqlite_url(tmp_path))
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT payload FROM chatkit_items")).all()
+    finally:
+        engine.dispose()
+    items = [row[0] if isinstance(row[0], dict) else json.loads(row[0]) for row in rows]
+    kinds = [item["type"] for item in items]
+    # Checkpoints are off: the partial reply and ChatKit's "stream cancelled" marker
+    # are there only because the exit hook cancelled the stream and ChatKit saved it.
+    assert kinds == ["user_message", "assistant_message", "sdk_hidden_context"], kinds
+    text = items[1]["content"][0]["text"]
+    assert text.startswith("w0 ") and "w1999" not in text
+    assert "cancelled the stream" in items[2]["content"]

@@ -7,13 +7,19 @@ conditions before ChatKit runs.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
+from datetime import datetime
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from chatkit.types import (
     AssistantMessageItem,
+    ProgressUpdateEvent,
+    StructuredInputFreeform,
+    StructuredInputItem,
     SyncCustomActionResponse,
     ThreadItemDoneEvent,
     TranscriptionResult,
@@ -24,6 +30,7 @@ from flask.testing import FlaskClient
 from flask_chatkit.testing import ChatKitClient
 
 from .apps import ScriptedServer, create_test_app
+from .helpers import login_as
 from .memory_store import MemoryStore
 from .test_endpoint import assert_json_error, post, thread_id_of
 
@@ -152,3 +159,80 @@ def test_implemented_operations_are_served_and_a_non_widget_sender_is_400(
     error = assert_json_error(post(client, action), 400, "invalid_request")
     assert "not a widget" in error["message"]
     assert_no_traceback(caplog)
+
+
+# -- threads.custom_action and threads.add_structured_input ------------------------------
+
+
+def custom_action(thread_id: str, item_id: str | None = None) -> dict[str, Any]:
+    params: dict[str, Any] = {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}}
+    if item_id is not None:
+        params["item_id"] = item_id
+    return {"type": "threads.custom_action", "params": params}
+
+
+def test_custom_action_without_action_is_501(
+    client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    thread_id, _, _ = thread_with_reply(alice)
+    caplog.set_level(logging.DEBUG)
+    error = assert_json_error(post(client, custom_action(thread_id)), 501, "not_implemented")
+    assert "threads.custom_action" in error["message"]
+    assert "ScriptedServer.action" in error["message"]
+    assert_no_traceback(caplog)
+
+
+class ActionServer(ScriptedServer):
+    async def action(self, thread: Any, action: Any, sender: Any, context: Any) -> Any:
+        yield ProgressUpdateEvent(text=f"ran {action.type}")
+
+
+def test_custom_action_on_a_non_widget_item_is_400_and_without_an_item_it_runs(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_test_app(
+        store=MemoryStore(), server_cls=ActionServer, instance_path=str(tmp_path / "i")
+    )
+    alice = login_as(app, "alice")
+    thread_id, user_id, assistant_id = thread_with_reply(alice)
+    ran = alice.send(custom_action(thread_id))  # served: the server has `action`
+    assert [e.text for e in ran if isinstance(e, ProgressUpdateEvent)] == ["ran ping"]
+    caplog.set_level(logging.DEBUG)
+    for item_id in (user_id, assistant_id):
+        response = post(alice.client, custom_action(thread_id, item_id))
+        error = assert_json_error(response, 400, "invalid_request")
+        assert f"Item {item_id} is not a widget" in error["message"]
+    assert_no_traceback(caplog)
+
+
+def structured_input(thread_id: str, item_id: str) -> dict[str, Any]:
+    return {
+        "type": "threads.add_structured_input",
+        "params": {
+            "thread_id": thread_id,
+            "item_id": item_id,
+            "input": {"status": "answered", "answers": {}},
+        },
+    }
+
+
+def test_structured_input_for_an_item_that_is_not_a_pending_question_is_400(
+    client: FlaskClient, alice: ChatKitClient, store: MemoryStore,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    thread_id, user_id, _ = thread_with_reply(alice)
+    answered = StructuredInputItem(
+        id="si_answered", thread_id=thread_id, created_at=datetime.now(), status="answered",
+        inputs=[StructuredInputFreeform(id="q1", question="Name?")],
+    )
+    asyncio.run(store.add_thread_item(thread_id, answered, SimpleNamespace(user_id="alice")))
+    caplog.set_level(logging.DEBUG)
+    error = assert_json_error(post(client, structured_input(thread_id, user_id)), 400,
+                              "invalid_request")
+    assert error["message"] == f"Item {user_id} is not a structured input item."
+    error = assert_json_error(post(client, structured_input(thread_id, "si_answered")), 400,
+                              "invalid_request")
+    assert error["message"] == "Structured input item si_answered is not pending."
+    assert_no_traceback(caplog)
+    # Neither request touched the thread.
+    assert [i.id for i in alice.list_items(thread_id).data][-1] == "si_answered"

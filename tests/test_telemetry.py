@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from chatkit.errors import CustomStreamError, ErrorCode, StreamError
 from flask import Flask
 from flask.testing import FlaskClient
 from opentelemetry import metrics, trace
@@ -21,12 +22,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import StatusCode
 from opentelemetry.util._once import Once
 
-from flask_chatkit import SQLAlchemyStore
+from flask_chatkit import SQLAlchemyStore, signals
 from flask_chatkit.telemetry import TimedStore
 from flask_chatkit.testing import ChatKitClient
+from flask_chatkit.web.observe import ChatKitErrorEvent
 
-from .apps import create_test_app
+from .apps import ScriptedServer, create_test_app
 from .gunicorn import ROOT
+from .helpers import login_as, thread_id_of
 from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
 from .signal_app import SpanningServer
@@ -255,3 +258,64 @@ def test_sql_store_is_timed_and_stays_the_apps_store(otel: Otel, tmp_path: Any) 
         "chatkit.store.duration")}
     assert {"load_thread", "save_thread", "add_thread_item", "load_thread_items"} <= set(store_ops)
     assert all(0 < p.sum < 10 for p in store_ops.values())
+
+
+class StreamErrorServer(ScriptedServer):
+    """``respond`` raises the SDK's own stream errors: ``raise=stream`` or ``raise=custom``."""
+
+    def before_reply(self, options: Any, input: Any, context: Any) -> None:
+        if options.get("raise") == "stream":
+            raise StreamError(ErrorCode.STREAM_ERROR, allow_retry=False)
+        if options.get("raise") == "custom":
+            raise CustomStreamError("The model is busy, try again.")
+        super().before_reply(options, input, context)
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "message"),
+    [("stream", "stream.error", None), ("custom", "custom", "The model is busy, try again.")],
+)
+def test_a_stream_error_raised_in_respond_is_a_failed_stream(
+    otel: Otel, tmp_path: Any, kind: str, code: str, message: str | None
+) -> None:
+    # ChatKit turns these into an error event without logging them: the stream still
+    # ends as failed, for the signal and for the span.
+    app = create_test_app(
+        store=MemoryStore(), server_cls=StreamErrorServer, instance_path=str(tmp_path / "i")
+    )
+    failed: list[dict[str, Any]] = []
+    finished: list[Any] = []
+
+    def on_failed(sender: Flask, **fields: Any) -> None:
+        failed.append(fields)
+
+    def on_finished(sender: Flask, **fields: Any) -> None:
+        finished.append(fields)
+
+    signals.stream_failed.connect(on_failed, app)
+    signals.stream_finished.connect(on_finished, app)
+    try:
+        client = login_as(app, "alice").client
+        response = client.post("/chatkit", json=create_request(f"raise={kind}"))
+        events = events_of(response)
+    finally:
+        signals.stream_failed.disconnect(on_failed, app)
+        signals.stream_finished.disconnect(on_finished, app)
+    assert events[-1]["type"] == "error" and events[-1]["code"] == code
+    thread_id = thread_id_of(events)
+
+    assert finished == []
+    (fields,) = failed
+    assert fields["op"] == "threads.create" and fields["thread_id"] == thread_id
+    assert fields["context"].user_id == "alice"
+    exc = fields["exc"]
+    assert isinstance(exc, ChatKitErrorEvent)
+    assert (exc.code, exc.message) == (code, message)
+
+    span = otel.span("chatkit threads.create")
+    attributes = dict(span.attributes or {})
+    assert attributes["chatkit.outcome"] == "failed"
+    assert attributes["chatkit.thread_id"] == thread_id
+    assert span.status.status_code == StatusCode.ERROR
+    errors = [p for p in otel.points("chatkit.errors") if p.attributes.get("error.type")]
+    assert [(p.attributes["error.type"], p.value) for p in errors] == [("stream_error", 1)]

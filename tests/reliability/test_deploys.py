@@ -16,6 +16,7 @@ CHATKIT_CANCEL_TIMEOUT that cannot fit is missing.
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import signal
 import time
@@ -334,6 +335,39 @@ def test_quick_shutdown_cancels_at_once_and_saves(tmp_path: Path) -> None:
         cancelled = re.search(r"cancelled 3 open streams ([0-9.]+) s after the stop", log)
         assert cancelled is not None, log
         assert float(cancelled.group(1)) < GRACE / 4, log
+    for reader in longs:
+        _assert_cancelled_and_saved(
+            _stored_items(_db_url(tmp_path), str(reader.thread_id())), reader.deltas()
+        )
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("target", ["master", "worker"])
+def test_sigquit_cancels_at_once_and_saves(tmp_path: Path, target: str) -> None:
+    """SIGQUIT, to the master (quick shutdown: it SIGQUITs its workers) or to a gevent
+    worker itself: the documented quick stop, open replies cancelled and saved at once."""
+    with _server(tmp_path, "gevent") as server:
+        worker = _the_worker(server)
+        cookie = _login_cookie(server)
+        longs = [_open_stream(server, cookie, LONG) for _ in range(2)]
+        if target == "master":
+            server.proc.send_signal(signal.SIGQUIT)
+        else:
+            os.kill(worker, signal.SIGQUIT)
+        stopped = time.monotonic()
+        ends = [round(t - stopped, 2) for t in _ends(longs)]
+        # AT_ONCE: a quarter of the CANCEL_AFTER (2 s) a graceful stop would wait.
+        assert all(t < AT_ONCE for t in ends), ends
+        if target == "master":
+            server.proc.wait(timeout=GRACE + 5)
+        else:  # the master replaces the worker that quit
+            assert wait_until(lambda: worker not in server.worker_pids(), GRACE + 2)
+            assert wait_until(lambda: len(server.worker_pids()) == 1, 30), server.log()
+        log = server.log()
+    assert "worker stopping (SIGQUIT)" in log, log
+    cancelled = re.search(r"cancelled 2 open streams ([0-9.]+) s after the stop", log)
+    assert cancelled is not None, log
+    assert float(cancelled.group(1)) < AT_ONCE, log
     for reader in longs:
         _assert_cancelled_and_saved(
             _stored_items(_db_url(tmp_path), str(reader.thread_id())), reader.deltas()

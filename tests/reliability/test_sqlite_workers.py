@@ -8,11 +8,14 @@ a write is lost or doubled (counts off).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
+import requests
 
 from tests.gunicorn import start_gunicorn
 
@@ -27,9 +30,18 @@ from .conftest import (
     sse_events,
     thread_id_of,
     user_input,
+    wait_until,
 )
 
 USERS = [f"writer{i}" for i in range(4)]
+
+
+def _all_answered(server: Any) -> bool:
+    """One more probe; True once every worker's pid is in the access log of a probe."""
+    with contextlib.suppress(requests.RequestException):
+        requests.get(f"{server.url}/_test/loop", timeout=5)
+    answered = set(re.findall(r"ACCESS <?(\d+)>? GET /_test/loop ", server.log()))
+    return {str(pid) for pid in server.worker_pids()} <= answered
 PER_USER = 20
 
 
@@ -41,10 +53,15 @@ def test_four_sqlite_workers_write_concurrently(tmp_path: Path) -> None:
     extra = ["--access-logfile", "-", "--access-logformat", "ACCESS %(p)s %(r)s %(s)s"]
     with start_gunicorn(tmp_path, APP_SPEC, env=env, workers=4, extra_args=extra) as server:
         url = server.url
+        # Let all four workers boot (slow on a loaded machine) before any timed request:
+        # each has answered once its pid shows in the access log.
+        assert wait_until(lambda: len(server.worker_pids()) == 4, 90), server.log()
+        assert wait_until(lambda: _all_answered(server), 90), server.log()
         sessions = {u: login(url, u) for u in USERS}
-        # Let all four workers boot and create the tables before the rush.
+        # The tables exist before the rush (the first store call of a worker makes them).
         for session in sessions.values():
-            assert post(session, url, {"type": "threads.list", "params": {}}).status_code == 200
+            assert post(session, url, {"type": "threads.list", "params": {}},
+                        timeout=60).status_code == 200
 
         def create(user: str, n: int) -> tuple[int, str, str | None]:
             response = post(sessions[user], url, create_payload(f"words=5 delay=0.02 n={n}"),
