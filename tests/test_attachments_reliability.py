@@ -101,6 +101,18 @@ def test_prune_reclaims_attachments_of_a_thread_that_was_never_created(tmp_path:
     assert _rows(app) == {}
 
 
+def _dead_s3_client(s3_server: S3Server) -> Any:
+    """A boto3 client of a port nobody listens on: S3 is down for the storage using it."""
+    return boto3.session.Session().client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{free_port()}",
+        region_name=s3_server.env["AWS_DEFAULT_REGION"],
+        aws_access_key_id="x",
+        aws_secret_access_key="y",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
+
+
 # -- #4 a thread deleted while S3 is down ------------------------------------------------
 
 
@@ -119,15 +131,7 @@ def test_thread_deleted_while_s3_is_down_keeps_a_row_until_prune_removes_the_obj
 
     storage = app.extensions["chatkit"].attachment_store.storage
     live_client = storage.client
-    # S3 goes down: the storage's client now talks to a port nobody listens on.
-    storage._client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{free_port()}",
-        region_name=s3_server.env["AWS_DEFAULT_REGION"],
-        aws_access_key_id="x",
-        aws_secret_access_key="y",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
-    )
+    storage._client = _dead_s3_client(s3_server)  # S3 goes down
     assert ck.send({"type": "threads.delete", "params": {"thread_id": thread_id}}) == {}
     assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]  # the object stays ...
     assert _rows(app) == {attachment_id: "deleted"}  # ... and a row still leads to it
@@ -160,14 +164,7 @@ def test_the_next_successful_delete_removes_what_an_outage_left(
         threads.append(events[0].thread.id)
     storage = app.extensions["chatkit"].attachment_store.storage
     live_client = storage.client
-    storage._client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{free_port()}",
-        region_name=s3_server.env["AWS_DEFAULT_REGION"],
-        aws_access_key_id="x",
-        aws_secret_access_key="y",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
-    )
+    storage._client = _dead_s3_client(s3_server)
     ck.send({"type": "threads.delete", "params": {"thread_id": threads[0]}})
     assert len(s3_server.keys(s3_bucket)) == 2
     storage._client = live_client
@@ -488,14 +485,7 @@ def test_s3_outage_is_logged_as_storage_unavailable(
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
     web = _login(app)
     storage = app.extensions["chatkit"].attachment_store.storage
-    storage._client = boto3.session.Session().client(
-        "s3",
-        endpoint_url=f"http://127.0.0.1:{free_port()}",
-        region_name=s3_server.env["AWS_DEFAULT_REGION"],
-        aws_access_key_id="x",
-        aws_secret_access_key="y",
-        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
-    )
+    storage._client = _dead_s3_client(s3_server)
     with caplog.at_level("WARNING", logger="flask_chatkit"):
         answer = _direct(web, b"nowhere to go")
     assert answer.status_code == 503

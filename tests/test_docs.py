@@ -244,6 +244,7 @@ def built_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.docs
 def test_build_has_every_page_and_the_charts(built_site: Path) -> None:
     sources = {p.relative_to(DOCS).with_suffix(".html") for p in doc_pages()}
     built = {p.relative_to(built_site) for p in built_site.rglob("*.html")}
