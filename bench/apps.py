@@ -92,6 +92,11 @@ def make_store() -> SQLAlchemyStore:
     return store
 
 
+# Every bench request is one user's (bench_context): the per-user stream cap would
+# refuse all but 20 of a section's streams, where the baseline host has no cap at all.
+ONE_USER_LOAD = {"CHATKIT_MAX_STREAMS_PER_USER": 1_000_000}
+
+
 def bench_context() -> RequestContext:
     return RequestContext(user_id=BENCH_USER)
 
@@ -105,7 +110,7 @@ def flask_app() -> Any:
     from flask_chatkit import ChatKit
 
     app = Flask("bench_flask_chatkit")
-    app.config.update(CHATKIT_CREATE_TABLES=False)
+    app.config.update(CHATKIT_CREATE_TABLES=False, **ONE_USER_LOAD)
     chatkit = ChatKit(app, BenchServer, store=make_store())
 
     @chatkit.context_loader

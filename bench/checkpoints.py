@@ -40,7 +40,7 @@ def checkpoint_app() -> Any:
     """flask-chatkit with a fixed user, on ``BENCH_DATABASE_URL``, counting store writes."""
     from flask import Flask, jsonify
 
-    from bench.apps import BenchServer, bench_context
+    from bench.apps import ONE_USER_LOAD, BenchServer, bench_context
     from flask_chatkit import ChatKit, SQLAlchemyStore
 
     counts = dict.fromkeys(_WRITES, 0)
@@ -67,6 +67,7 @@ def checkpoint_app() -> Any:
     app = Flask("bench_checkpoints")
     app.config.update(
         CHATKIT_CHECKPOINT_SECONDS=float(os.environ["BENCH_CHECKPOINT_SECONDS"]),
+        **ONE_USER_LOAD,
     )
     chatkit = ChatKit(app, BenchServer, store=store)
 
