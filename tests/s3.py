@@ -57,7 +57,7 @@ class S3Server:
 
 
 def start_s3_server(
-    log_dir: Path, timeout: float = 30.0, extra_env: dict[str, str] | None = None
+    log_dir: Path, timeout: float = 60.0, extra_env: dict[str, str] | None = None
 ) -> S3Server:
     """``python -m moto.server`` on 127.0.0.1:<free port>; waits until it answers.
 
@@ -72,9 +72,6 @@ def start_s3_server(
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(extra_env or {})},
-            # A real bucket is another machine; this one shares our few cores. Lower
-            # its priority so timing tests measure the app server, not moto's CPU use.
-            preexec_fn=lambda: os.nice(19),  # stands for a storage service on other machines
         )
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -105,6 +105,9 @@ def test_bad_input_gets_json_4xx(
     )
     if response.status_code == 200:
         return  # the fuzzer produced a valid request; fine
+    if response.status_code == 501:  # a valid request for an operation the app lacks
+        assert response.json()["error"]["code"] == "not_implemented", response.text[:300]
+        return
     assert 400 <= response.status_code < 500, (
         response.status_code,
         body[:200],
