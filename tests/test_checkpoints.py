@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 from chatkit.types import AssistantMessageContent, AssistantMessageItem
+from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
 
 from flask_chatkit import RequestContext, SQLAlchemyStore
@@ -74,6 +75,105 @@ async def _save_item_clears(sql_store: SQLAlchemyStore) -> None:
     await sql_store.save_item("thr_1", reply("replaced"), CTX)
     await sql_store.save_checkpoint("thr_1", reply("late"), CTX)  # no longer a checkpoint
     assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "replaced"
+
+
+def test_checkpoints_arriving_together_share_one_write(sql_store: SQLAlchemyStore) -> None:
+    """50 streams' checkpoints at once: a few INSERT statements, each row there on return."""
+    inserts: list[bool] = []
+
+    def count(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO CHATKIT_ITEMS"):
+            inserts.append(many)
+
+    async def main() -> None:
+        async def save_and_read(n: int) -> str:
+            await sql_store.save_checkpoint(f"thr_{n}", reply(f"text {n}", thread_id=f"thr_{n}"), CTX)
+            return (await sql_store.load_item(f"thr_{n}", "msg_1", CTX)).content[0].text
+
+        texts = await asyncio.gather(*(save_and_read(n) for n in range(50)))
+        assert texts == [f"text {n}" for n in range(50)]
+
+    sa_event.listen(sql_store.engine, "before_cursor_execute", count)
+    try:
+        asyncio.run(main())
+    finally:
+        sa_event.remove(sql_store.engine, "before_cursor_execute", count)
+    # One write per checkpoint would be 50 statements (and 50 transactions).
+    assert 1 <= len(inserts) <= 5, inserts
+
+
+def test_a_failed_checkpoint_write_fails_each_of_its_rows_and_the_next_one_works(
+    sql_store: SQLAlchemyStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = sql_store._save_checkpoints
+    calls: list[int] = []
+
+    def fail_first(rows: Any) -> None:
+        calls.append(len(rows))
+        if len(calls) == 1:
+            raise sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+        real(rows)
+
+    monkeypatch.setattr(sql_store, "_save_checkpoints", fail_first)
+
+    async def main() -> None:
+        saves = [sql_store.save_checkpoint("thr_1", reply("w0 ", item_id=f"msg_{n}"), CTX)
+                 for n in range(10)]
+        outcomes = await asyncio.gather(*saves, return_exceptions=True)
+        assert all(isinstance(o, sa_exc.OperationalError) for o in outcomes), outcomes
+        page = await sql_store.load_thread_items("thr_1", None, 20, "asc", CTX)
+        assert page.data == []  # a failed write stored none of its rows
+        await sql_store.save_checkpoint("thr_1", reply("w0 w1 "), CTX)
+        assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "w0 w1 "
+
+    asyncio.run(main())
+    assert calls == [10, 1]
+
+
+def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
+    """The tracker joins deltas lazily; its item must equal the SDK's, update by update."""
+    from chatkit.server import ChatKitServer
+    from chatkit.types import (
+        AssistantMessageContentPartAdded,
+        AssistantMessageContentPartDone,
+        AssistantMessageContentPartTextDelta,
+        ThreadItemAddedEvent,
+        ThreadItemUpdatedEvent,
+    )
+
+    from flask_chatkit.web.endpoint import _Checkpoints
+
+    class Server(ChatKitServer[Any]):
+        async def respond(self, thread: Any, input: Any, context: Any) -> Any:
+            raise NotImplementedError  # only the SDK's update helpers are used
+
+    server = Server(store=None)  # type: ignore[arg-type]
+    tracker = _Checkpoints(server, CTX, interval=3600)
+    reference: dict[str, Any] = {}
+    first = reply("")
+    events: list[Any] = [ThreadItemAddedEvent(item=first)]
+    for text in ("a", "b", " c"):
+        events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=(
+            AssistantMessageContentPartTextDelta(content_index=0, delta=text))))
+    events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=AssistantMessageContentPartDone(
+        content_index=0, content=AssistantMessageContent(text="ab c!"))))
+    events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=AssistantMessageContentPartAdded(
+        content_index=1, content=AssistantMessageContent(text=""))))
+    for text in ("x", "y"):
+        events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=(
+            AssistantMessageContentPartTextDelta(content_index=1, delta=text))))
+    events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=(
+        AssistantMessageContentPartTextDelta(content_index=3, delta="z"))))  # a gap: padded
+    for event in events:
+        tracker.track(event)
+        if isinstance(event, ThreadItemAddedEvent):
+            reference[event.item.id] = event.item.model_copy(deep=True)
+        else:
+            server._update_pending_items(reference, event.model_copy(deep=True))
+    assert tracker.changed == {"msg_1"}
+    tracker._apply_deltas()
+    texts = [part.text for part in tracker.pending["msg_1"].content]
+    assert texts == [part.text for part in reference["msg_1"].content] == ["ab c!", "xy", "", "z"]
 
 
 # -- through the Flask view ---------------------------------------------------------

@@ -84,3 +84,26 @@ def test_run_inline_refuses_a_coroutine_that_needs_the_loop() -> None:
 
     with pytest.raises(NeedsLoop):
         run_inline(waits())
+
+
+def test_reads_go_through_the_loop_on_postgresql_and_with_an_overridden_read(
+    store_url: str, tmp_path: Path
+) -> None:
+    """Inline only where measured faster: SQLite, with the store's own read methods."""
+
+    class OverriddenRead(_RecordingStore):
+        async def load_threads(self, *args: Any, **kwargs: Any) -> Any:
+            return await super().load_threads(*args, **kwargs)
+
+    for store_cls, inline in ((_RecordingStore, store_url.startswith("sqlite")),
+                              (OverriddenRead, False)):
+        store = store_cls(store_url)
+        try:
+            kit = _client(store, tmp_path)
+            assert [t.id for t in kit.list_threads().data] == []  # creates the tables
+            store.threads_seen.clear()
+            assert kit.list_threads().data == []
+            here = threading.get_ident()
+            assert (store.threads_seen["read"] == {here}) is inline, (store_cls, store_url)
+        finally:
+            store.close()

@@ -43,6 +43,7 @@ import logging
 import os
 import secrets
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -434,6 +435,49 @@ class _GroupWriter:
             settle_from_thread(loop, future, outcome)
 
 
+class _CheckpointBatch:
+    """The checkpoints of one event loop's streams, written together.
+
+    A worker with a thousand replies streaming takes hundreds of checkpoints a
+    second. One write each costs a transaction and two thread hand-offs per row;
+    here every checkpoint that arrives while a write is in flight waits for the
+    next one, which stores them all in one transaction with one statement. Each
+    caller's await returns when the write holding its row has committed, and
+    fails with that write's error.
+    """
+
+    def __init__(self, store: SQLAlchemyStore) -> None:
+        self._store = store
+        self._waiting: list[tuple[tuple[str, str, ThreadItem], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def write(self, row: tuple[str, str, ThreadItem]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((row, future))
+        if self._writer is None:
+            self._writer = asyncio.ensure_future(self._write_all())
+        await future
+
+    async def _write_all(self) -> None:
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    await self._store._run(self._store._save_checkpoints, [r for r, _ in batch])
+                except BaseException as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if not isinstance(exc, Exception):
+                        raise
+                else:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_result(None)
+        finally:
+            self._writer = None
+
+
 def default_owner(context: Any) -> str:
     """The default owner key: ``context.user_id``."""
     key: str = getattr(context, "user_id")  # noqa: B009 - any context with a user_id
@@ -482,6 +526,10 @@ class SQLAlchemyStore(Store[Any]):
         self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
         # (owner, thread, item) of item inserts whose caller was cancelled mid-write.
         self._cancelled_adds: OrderedDict[tuple[str, str, str], None] = OrderedDict()
+        # Per event loop: the checkpoints waiting for the next write.
+        self._checkpoint_batches: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, _CheckpointBatch
+        ] = weakref.WeakKeyDictionary()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -652,23 +700,28 @@ class SQLAlchemyStore(Store[Any]):
                 raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
 
     @_writes
-    def _save_checkpoint(self, owner: str, thread_id: str, item: ThreadItem) -> None:
-        values = self._item_values(owner, thread_id, item)
-        values["payload"][CHECKPOINT_FLAG] = True
+    def _save_checkpoints(self, rows: Sequence[tuple[str, str, ThreadItem]]) -> None:
+        """Insert each row, or update an earlier checkpoint of it; final rows stay."""
         keys = ["owner", "thread_id", "id"]
-        changed = {"created_at": values["created_at"], "payload": values["payload"]}
+        latest: dict[tuple[str, str, str], dict[str, Any]] = {}
+        for owner, thread_id, item in rows:  # one statement may not touch a row twice
+            values = self._item_values(owner, thread_id, item)
+            values["payload"][CHECKPOINT_FLAG] = True
+            latest[(owner, thread_id, item.id)] = values
         with self._tx(write=True) as conn:
             stmt = dialect_insert(conn.dialect.name, self.items)
-            if stmt is not None:  # one statement: insert, or update a checkpoint row only
-                conn.execute(
-                    stmt.values(**values).on_conflict_do_update(
-                        index_elements=keys, set_=changed, where=self._is_checkpoint()
-                    )
+            if stmt is not None:  # one statement for all: insert, or update a checkpoint row
+                changed = {"created_at": stmt.excluded.created_at, "payload": stmt.excluded.payload}
+                upsert_checkpoints = stmt.on_conflict_do_update(
+                    index_elements=keys, set_=changed, where=self._is_checkpoint()
                 )
+                conn.execute(upsert_checkpoints, list(latest.values()))
                 return
-            where = (self._item_key(owner, thread_id, item.id), self._is_checkpoint())
-            if conn.execute(update(self.items).where(*where).values(**changed)).rowcount == 0:
-                insert_new(conn, self.items, keys, values)  # a final row stays as it is
+            for (owner, thread_id, item_id), values in latest.items():
+                changed = {"created_at": values["created_at"], "payload": values["payload"]}
+                where = (self._item_key(owner, thread_id, item_id), self._is_checkpoint())
+                if conn.execute(update(self.items).where(*where).values(**changed)).rowcount == 0:
+                    insert_new(conn, self.items, keys, values)  # a final row stays as it is
 
     @_writes
     def _save_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
@@ -863,9 +916,19 @@ class SQLAlchemyStore(Store[Any]):
         mid-reply leaves the text up to the last checkpoint. Inserts the row, or
         updates an earlier checkpoint of it; a final row (already added) is kept.
         The reply's final ``add_thread_item`` (or ``save_item``) replaces the
-        checkpoint, under the same id.
+        checkpoint, under the same id. Checkpoints of many streams that arrive
+        together are written in one transaction (see :class:`_CheckpointBatch`);
+        each await returns once its own row is committed.
         """
-        await self._run(self._save_checkpoint, self.owner_key(context), thread_id, item)
+        row = (self.owner_key(context), thread_id, item)
+        if not _loop_running():
+            await self._run(self._save_checkpoints, [row])
+            return
+        loop = asyncio.get_running_loop()
+        batch = self._checkpoint_batches.get(loop)
+        if batch is None:
+            batch = self._checkpoint_batches[loop] = _CheckpointBatch(self)
+        await batch.write(row)
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
         owner = self.owner_key(context)

@@ -38,6 +38,7 @@ import contextvars
 import logging
 import re
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any
 
@@ -47,6 +48,7 @@ from chatkit.server import ChatKitServer, NonStreamingResult, StreamingResult
 from chatkit.types import (
     AssistantMessageContentPartAdded,
     AssistantMessageContentPartDone,
+    AssistantMessageContentPartTextDelta,
     AssistantMessageItem,
     ChatKitReq,
     ErrorEvent,
@@ -391,10 +393,13 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
     (possibly behind the telemetry wrapper): those never need a running loop. Only on
     SQLite: on PostgreSQL, reads through the loop and the store's threads are
     faster than psycopg's waits on the request's greenlet (figures: docs,
-    design/request-flow).
+    design/request-flow). Decided once per server and store.
     """
+    known = _INLINE_ANSWERS.get(server)
+    if known is not None and known[0] is server.store:
+        return known[1]
     store = getattr(server.store, "inner", server.store)  # telemetry's TimedStore
-    return (
+    inline = (
         uses_sdk_process(server)
         and isinstance(store, SQLAlchemyStore)
         and store.dialect == "sqlite"
@@ -402,6 +407,14 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
             getattr(type(store), name) is getattr(SQLAlchemyStore, name) for name in _STORE_READS
         )
     )
+    _INLINE_ANSWERS[server] = (server.store, inline)
+    return inline
+
+
+# server -> (the store it was decided for, the answer)
+_INLINE_ANSWERS: weakref.WeakKeyDictionary[ChatKitServer[Any], tuple[Any, bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 async def process(
@@ -468,6 +481,8 @@ _SHARED_CONTENT_UPDATES = (AssistantMessageContentPartAdded, AssistantMessageCon
 class _Checkpoints:
     """The assistant messages a stream has in flight, and their checkpoint writes."""
 
+    __slots__ = ("changed", "context", "deltas", "due", "interval", "pending", "saved", "server")
+
     def __init__(self, server: ChatKitServer[Any], context: Any, interval: float) -> None:
         self.server = server
         self.context = context
@@ -475,19 +490,30 @@ class _Checkpoints:
         self.due = time.monotonic() + interval
         # Our own copies (the SDK keeps its own), updated by the SDK's own code.
         self.pending: dict[str, Any] = {}
+        # Text deltas not yet applied to ``pending``: (item id, content index, delta).
+        # Most events of a reply are deltas, so they are only collected here and
+        # applied, joined, when a checkpoint is due or another update needs them.
+        self.deltas: list[tuple[str, int, str]] = []
         self.changed: set[str] = set()  # ids with text not yet checkpointed
         self.saved: set[str] = set()  # ids with a checkpoint row
 
     def track(self, event: Any) -> None:
-        """Follow one event of the stream (cheap: no I/O)."""
-        if isinstance(event, ThreadItemUpdatedEvent):
-            if event.item_id in self.pending:
-                if isinstance(event.update, _SHARED_CONTENT_UPDATES):
+        """Follow one event of the stream (cheap: no I/O, no model work for a delta)."""
+        if type(event) is ThreadItemUpdatedEvent:
+            item_id = event.item_id
+            if item_id not in self.pending:
+                return
+            update = event.update
+            if type(update) is AssistantMessageContentPartTextDelta:
+                self.deltas.append((item_id, update.content_index, update.delta))
+            else:
+                self._apply_deltas()  # in order: this update may replace their text
+                if isinstance(update, _SHARED_CONTENT_UPDATES):
                     # The SDK puts this content object itself into its own copy of the
                     # item: ours must get another, or every later delta lands twice in it.
                     event = event.model_copy(deep=True)
                 self.server._update_pending_items(self.pending, event)
-                self.changed.add(event.item_id)
+            self.changed.add(item_id)
         elif isinstance(event, ThreadItemAddedEvent):
             if isinstance(event.item, AssistantMessageItem):
                 self.pending[event.item.id] = event.item.model_copy(deep=True)
@@ -498,10 +524,29 @@ class _Checkpoints:
         elif isinstance(event, ThreadItemRemovedEvent):
             self._forget(event.item_id)
 
+    def _apply_deltas(self) -> None:
+        """Apply the collected deltas to ``pending``, one join per content part."""
+        if not self.deltas:
+            return
+        joined: dict[tuple[str, int], list[str]] = {}
+        for item_id, index, delta in self.deltas:
+            joined.setdefault((item_id, index), []).append(delta)
+        self.deltas.clear()
+        for (item_id, index), parts in joined.items():
+            item = self.pending.get(item_id)
+            if item is None:
+                continue
+            update = AssistantMessageContentPartTextDelta(content_index=index, delta="".join(parts))
+            self.server._update_pending_items(
+                self.pending, ThreadItemUpdatedEvent(item_id=item_id, update=update)
+            )
+
     def _forget(self, item_id: str) -> None:
         self.pending.pop(item_id, None)
         self.changed.discard(item_id)
         self.saved.discard(item_id)
+        if self.deltas:
+            self.deltas = [d for d in self.deltas if d[0] != item_id]
 
     def due_now(self) -> bool:
         return bool(self.changed) and time.monotonic() >= self.due
@@ -515,6 +560,7 @@ class _Checkpoints:
         is then re-aimed at ChatKit's next await (raised here, ChatKit's
         cancellation handling would never run).
         """
+        self._apply_deltas()
         ids = [i for i in self.changed if not only_saved or i in self.saved]
         items = [self.pending[i] for i in ids if _has_text(self.pending[i])]
         self.changed.clear()
