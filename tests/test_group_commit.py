@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
@@ -108,3 +109,38 @@ def test_a_failed_commit_fails_every_write_of_its_group(store: SQLAlchemyStore) 
     assert failed, "the refused commit failed no write"
     # Exactly the writes that were told they failed are missing; the others are stored.
     assert _stored_ids(store) == {f"thr_{n}" for n in range(30)} - failed
+
+
+def test_a_slow_blob_delete_after_a_commit_holds_up_no_other_write(store: SQLAlchemyStore) -> None:
+    """Deleting a thread's files (S3 slow or down) runs beside the writer, not on it."""
+    from chatkit.types import FileAttachment
+
+    entered, release = threading.Event(), threading.Event()
+    deleted: list[list[str]] = []
+
+    def slow_storage(ids: list[str]) -> None:
+        entered.set()
+        release.wait(30)  # bounded: a broken store fails the asserts below, never hangs
+        deleted.append(ids)
+
+    store.on_attachments_deleted = slow_storage
+
+    async def main() -> None:
+        await store.save_thread(ThreadMetadata(id="thr_gone", created_at=T0), ALICE)
+        await store.save_attachment(FileAttachment(
+            id="atc_1", name="a.txt", mime_type="text/plain", thread_id="thr_gone"), ALICE)
+        deleting = asyncio.ensure_future(store.delete_thread("thr_gone", ALICE))
+        assert await asyncio.to_thread(entered.wait, 30), "the blob delete never started"
+        # The storage is still busy: another write commits meanwhile ...
+        await asyncio.wait_for(
+            store.save_thread(ThreadMetadata(id="thr_new", created_at=T0), ALICE), 10)
+        assert "thr_new" in _stored_ids(store)
+        assert not deleting.done()  # ... and the delete's caller still waits for its files
+        release.set()
+        await asyncio.wait_for(deleting, 10)
+        assert deleted == [["atc_1"]]
+
+    try:
+        asyncio.run(main())
+    finally:
+        release.set()

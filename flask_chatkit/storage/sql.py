@@ -362,7 +362,8 @@ class _GroupWriter:
     transaction (so one that fails is rolled back alone), and one COMMIT stores them
     all. Each caller's await returns only after the COMMIT that holds its own write;
     if that COMMIT fails, every write of the group fails with it. Work that must wait
-    for the commit (deleting files of removed rows) runs after it.
+    for the commit (deleting files of removed rows) runs after it on a reader thread,
+    and its write's caller is answered once that work is done.
     """
 
     def __init__(self, store: SQLAlchemyStore) -> None:
@@ -413,26 +414,45 @@ class _GroupWriter:
 
     def _commit(self, group: list[Any]) -> None:
         outcomes: list[tuple[bool, Any]] = []
-        self.after_commit = []
+        actions: list[list[Callable[[], None]]] = []  # per write: its work after the commit
         try:
             with self._store.engine.begin() as conn:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
                 self.conn = conn
                 try:
                     # Each write's own _tx() is a SAVEPOINT of this transaction.
-                    outcomes = [outcome_of(fn, *args) for _, _, fn, args in group]
+                    for _, _, fn, args in group:
+                        self.after_commit = []
+                        outcomes.append(outcome_of(fn, *args))
+                        actions.append(self.after_commit)
                 finally:
                     self.conn = None
+                    self.after_commit = []
         except BaseException as exc:  # the COMMIT (or BEGIN) failed: nothing is stored
             outcomes = [(False, exc)] * len(group)
-            self.after_commit = []
-        for action in self.after_commit:
-            try:
-                action()
-            except Exception:  # e.g. the blob storage is down: its tombstones wait for prune
-                logger.exception("work after a group commit failed")
-        for (loop, future, _, _), outcome in zip(group, outcomes, strict=True):
-            settle_from_thread(loop, future, outcome)
+            actions = [[] for _ in group]
+        for job, outcome, after in zip(group, outcomes, actions, strict=True):
+            if after:
+                # Blob deletes talk to a second service (S3 may be slow or down): on a
+                # reader thread, so the writer goes on committing; the write's caller
+                # is answered once they are done, as without group commit.
+                try:
+                    self._store._pool.submit(_run_then_settle, after, job, outcome)
+                except RuntimeError:  # the pool is shut down (the store is closing)
+                    _run_then_settle(after, job, outcome)
+            else:
+                settle_from_thread(job[0], job[1], outcome)
+
+
+def _run_then_settle(
+    actions: list[Callable[[], None]], job: tuple[Any, ...], outcome: tuple[bool, Any]
+) -> None:
+    for action in actions:
+        try:
+            action()
+        except Exception:  # e.g. the blob storage is down: its tombstones wait for prune
+            logger.exception("work after a group commit failed")
+    settle_from_thread(job[0], job[1], outcome)
 
 
 class _CheckpointBatch:
