@@ -47,7 +47,7 @@ import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from datetime import datetime, timezone
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 from typing import Any, TypeVar
 
 from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
@@ -226,16 +226,36 @@ def dialect_insert(dialect: str, table: Table) -> Any:
 
 def upsert(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> None:
     """Insert ``values`` or update the row with the same ``keys``."""
-    stmt = dialect_insert(conn.dialect.name, table)
-    changed = {k: v for k, v in values.items() if k not in keys}
+    stmt = _upsert_statement(conn.dialect.name, table, tuple(keys), tuple(values))
     if stmt is not None:
-        conn.execute(
-            stmt.values(**values).on_conflict_do_update(index_elements=list(keys), set_=changed)
-        )
+        conn.execute(stmt, values)
         return
+    changed = {k: v for k, v in values.items() if k not in keys}
     where = and_(*(table.c[k] == values[k] for k in keys))
     if conn.execute(update(table).where(where).values(**changed)).rowcount == 0:
         conn.execute(insert(table).values(**values))
+
+
+# The statements of the write path are built once and run with each call's values:
+# building an INSERT .. ON CONFLICT per call cost SQLAlchemy more than running it.
+@lru_cache(maxsize=64)
+def _upsert_statement(
+    dialect: str, table: Table, keys: tuple[str, ...], columns: tuple[str, ...]
+) -> Any:
+    stmt = dialect_insert(dialect, table)
+    if stmt is None:
+        return None
+    changed = {c: stmt.excluded[c] for c in columns if c not in keys}
+    return stmt.on_conflict_do_update(index_elements=list(keys), set_=changed)
+
+
+@lru_cache(maxsize=64)
+def _insert_new_statement(dialect: str, table: Table, keys: tuple[str, ...]) -> Any:
+    stmt = dialect_insert(dialect, table)
+    if stmt is None:
+        return None
+    # RETURNING, not rowcount: with implicit RETURNING psycopg reports rowcount -1.
+    return stmt.on_conflict_do_nothing(index_elements=list(keys)).returning(table.c[keys[-1]])
 
 
 def insert_new(conn: Connection, table: Table, keys: Sequence[str], values: dict[str, Any]) -> bool:
@@ -243,11 +263,9 @@ def insert_new(conn: Connection, table: Table, keys: Sequence[str], values: dict
 
     The existing row is left as it is. Racing inserts of one key: exactly one wins.
     """
-    stmt = dialect_insert(conn.dialect.name, table)
+    stmt = _insert_new_statement(conn.dialect.name, table, tuple(keys))
     if stmt is not None:
-        # RETURNING, not rowcount: with implicit RETURNING psycopg reports rowcount -1.
-        stmt = stmt.values(**values).on_conflict_do_nothing(index_elements=list(keys))
-        return conn.execute(stmt.returning(table.c[keys[-1]])).first() is not None
+        return conn.execute(stmt, values).first() is not None
     try:
         with conn.begin_nested():
             conn.execute(insert(table).values(**values))
@@ -701,6 +719,26 @@ class SQLAlchemyStore(Store[Any]):
     def _is_checkpoint(self) -> Any:
         return self.items.c.payload[CHECKPOINT_FLAG].as_boolean().is_(True)
 
+    @cached_property
+    def _unless_final(self) -> Any:
+        """INSERT an item row, or update the row of its key if that is a checkpoint (a
+        final row stays). None on a dialect without ON CONFLICT. Built once, like the
+        statements of :func:`upsert`."""
+        stmt = dialect_insert(self.dialect, self.items)
+        if stmt is None:
+            return None
+        return stmt.on_conflict_do_update(
+            index_elements=["owner", "thread_id", "id"],
+            set_={"created_at": stmt.excluded.created_at, "payload": stmt.excluded.payload},
+            where=self._is_checkpoint(),
+        )
+
+    @cached_property
+    def _add_or_replace_checkpoint(self) -> Any:
+        """:attr:`_unless_final` RETURNING the id: no row means a final row is there."""
+        stmt = self._unless_final
+        return None if stmt is None else stmt.returning(self.items.c.id)
+
     @_writes
     def _add_thread_item(self, owner: str, thread_id: str, item: ThreadItem) -> None:
         values = self._item_values(owner, thread_id, item)
@@ -709,6 +747,11 @@ class SQLAlchemyStore(Store[Any]):
             # so an id the thread already holds is a clash. Items of other threads
             # and owners with the same id are other rows, untouched. The one
             # exception: a checkpoint of this very reply, which the final item replaces.
+            stmt = self._add_or_replace_checkpoint
+            if stmt is not None:  # one statement: inserted, or a checkpoint replaced
+                if conn.execute(stmt, values).first() is None:
+                    raise DuplicateIdError(f"Item {item.id} already exists in thread {thread_id}")
+                return
             if insert_new(conn, self.items, ("owner", "thread_id", "id"), values):
                 return
             replaced = conn.execute(
@@ -729,13 +772,8 @@ class SQLAlchemyStore(Store[Any]):
             values["payload"][CHECKPOINT_FLAG] = True
             latest[(owner, thread_id, item.id)] = values
         with self._tx(write=True) as conn:
-            stmt = dialect_insert(conn.dialect.name, self.items)
-            if stmt is not None:  # one statement for all: insert, or update a checkpoint row
-                changed = {"created_at": stmt.excluded.created_at, "payload": stmt.excluded.payload}
-                upsert_checkpoints = stmt.on_conflict_do_update(
-                    index_elements=keys, set_=changed, where=self._is_checkpoint()
-                )
-                conn.execute(upsert_checkpoints, list(latest.values()))
+            if self._unless_final is not None:  # one statement for all
+                conn.execute(self._unless_final, list(latest.values()))
                 return
             for (owner, thread_id, item_id), values in latest.items():
                 changed = {"created_at": values["created_at"], "payload": values["payload"]}
