@@ -222,8 +222,9 @@ def _upload_raw(web: FlaskClient, attachment_id: str, data: bytes) -> Any:
 
 def _failed_upload(app: Flask, web: FlaskClient, attachment_id: str, states: str) -> list[str]:
     """Upload while every write of ``states`` into upload_state fails (the database
-    fails; a trigger's abort is a 500, an outage would be a 503). Returns the upload_states that were
-    written meanwhile, in order. The triggers are gone afterwards, on every path."""
+    fails; a trigger's abort is a 500, an outage would be a 503). Returns the
+    upload_states written meanwhile, in order. The triggers are gone afterwards,
+    on every path."""
     engine = app.extensions["chatkit"].store.engine
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE TABLE chatkit_test_states (state VARCHAR(16))")
