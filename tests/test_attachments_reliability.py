@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,27 @@ def _dead_s3_client(s3_server: S3Server) -> Any:
     )
 
 
+@contextmanager
+def _s3_down(app: Flask, s3_server: S3Server) -> Iterator[None]:
+    """S3 is down for the app's attachment storage while inside; back up afterwards."""
+    storage = app.extensions["chatkit"].attachment_store.storage
+    live_client = storage.client
+    storage._client = _dead_s3_client(s3_server)
+    try:
+        yield
+    finally:
+        storage._client = live_client
+
+
+def _sent(ck: ChatKitClient, data: bytes, text: str = "hi") -> tuple[str, str]:
+    """Upload ``data`` directly and send it in a new thread: (attachment id, thread id)."""
+    attachment_id = _direct(ck.client, data).get_json()["id"]
+    events = ck.send(
+        {"type": "threads.create", "params": {"input": user_input(text, [attachment_id])}}
+    )
+    return attachment_id, events[0].thread.id
+
+
 # -- #4 a thread deleted while S3 is down ------------------------------------------------
 
 
@@ -117,28 +140,21 @@ def test_thread_deleted_while_s3_is_down_keeps_a_row_until_prune_removes_the_obj
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
     ck = login_as(app, "alice")
-    web = ck.client
-    attachment_id = _direct(web, b"kept safe").get_json()["id"]
-    events = ck.send(
-        {"type": "threads.create", "params": {"input": user_input("hi", [attachment_id])}}
-    )
-    thread_id = events[0].thread.id
+    attachment_id, thread_id = _sent(ck, b"kept safe")
     assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]
 
-    storage = app.extensions["chatkit"].attachment_store.storage
-    live_client = storage.client
-    storage._client = _dead_s3_client(s3_server)  # S3 goes down
-    assert ck.send({"type": "threads.delete", "params": {"thread_id": thread_id}}) == {}
-    assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]  # the object stays ...
-    assert _rows(app) == {attachment_id: "deleted"}  # ... and a row still leads to it
-    answer = web.get(f"/chatkit/attachments/{attachment_id}/content")
-    assert answer.status_code == 404  # gone for the user
+    with _s3_down(app, s3_server):
+        assert ck.send({"type": "threads.delete", "params": {"thread_id": thread_id}}) == {}
+        assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]  # the object stays ...
+        assert _rows(app) == {attachment_id: "deleted"}  # ... and a row still leads to it
+        answer = ck.client.get(f"/chatkit/attachments/{attachment_id}/content")
+        assert answer.status_code == 404  # gone for the user
 
-    prune = app.test_cli_runner().invoke(chatkit_cli, ["prune", "--older-than", "1"])
-    assert prune.exit_code == 0  # still down: nothing lost, the row stays
-    assert _rows(app) == {attachment_id: "deleted"}
+        prune = app.test_cli_runner().invoke(chatkit_cli, ["prune", "--older-than", "1"])
+        assert prune.exit_code == 0  # still down: nothing lost, the row stays
+        assert _rows(app) == {attachment_id: "deleted"}
 
-    storage._client = live_client  # S3 is back
+    # S3 is back.
     prune = app.test_cli_runner().invoke(chatkit_cli, ["prune", "--older-than", "1"])
     assert prune.exit_code == 0, prune.output
     assert s3_server.keys(s3_bucket) == []
@@ -150,20 +166,10 @@ def test_the_next_successful_delete_removes_what_an_outage_left(
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
     ck = login_as(app, "alice")
-    web = ck.client
-    threads = []
-    for name in ("one", "two"):
-        attachment_id = _direct(web, name.encode()).get_json()["id"]
-        events = ck.send(
-            {"type": "threads.create", "params": {"input": user_input(name, [attachment_id])}}
-        )
-        threads.append(events[0].thread.id)
-    storage = app.extensions["chatkit"].attachment_store.storage
-    live_client = storage.client
-    storage._client = _dead_s3_client(s3_server)
-    ck.send({"type": "threads.delete", "params": {"thread_id": threads[0]}})
-    assert len(s3_server.keys(s3_bucket)) == 2
-    storage._client = live_client
+    threads = [_sent(ck, name.encode(), name)[1] for name in ("one", "two")]
+    with _s3_down(app, s3_server):
+        ck.send({"type": "threads.delete", "params": {"thread_id": threads[0]}})
+        assert len(s3_server.keys(s3_bucket)) == 2
     ck.send({"type": "threads.delete", "params": {"thread_id": threads[1]}})
     assert s3_server.keys(s3_bucket) == []
     assert _rows(app) == {}
@@ -509,9 +515,7 @@ def test_s3_outage_is_logged_as_storage_unavailable(
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
     web = login_as(app, "alice").client
-    storage = app.extensions["chatkit"].attachment_store.storage
-    storage._client = _dead_s3_client(s3_server)
-    with caplog.at_level("WARNING", logger="flask_chatkit"):
+    with _s3_down(app, s3_server), caplog.at_level("WARNING", logger="flask_chatkit"):
         answer = _direct(web, b"nowhere to go")
     assert answer.status_code == 503
     assert answer.get_json()["error"]["code"] == "storage_unavailable"
