@@ -66,3 +66,10 @@ def thread_id_of(events: list[Any]) -> str | None:
             thread = _field(event, "thread")
             return str(_field(thread, "id"))
     return None
+
+
+def created_thread_id(events: list[Any]) -> str:
+    """:func:`thread_id_of` for a stream that must have created a thread."""
+    thread_id = thread_id_of(events)
+    assert thread_id is not None, f"no thread.created event in {events!r:.300}"
+    return thread_id

@@ -25,6 +25,13 @@ def create_request(text: str) -> dict[str, Any]:
     return {"type": "threads.create", "params": {"input": user_input(text)}}
 
 
+def add_message_request(thread_id: str, text: str) -> dict[str, Any]:
+    return {
+        "type": "threads.add_user_message",
+        "params": {"thread_id": thread_id, "input": user_input(text)},
+    }
+
+
 def logged_in_session(base_url: str, user: str) -> requests.Session:
     session = requests.Session()
     assert session.post(f"{base_url}/login/{user}", timeout=10).status_code == 200

@@ -13,6 +13,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -28,10 +30,12 @@ from flask_login import LoginManager, login_user
 
 from flask_chatkit import ChatKit, FileAttachmentStore
 from flask_chatkit.cli import chatkit_cli
+from flask_chatkit.storage import sql as sql_storage
 from flask_chatkit.testing import ChatKitClient
 
 from .apps import ScriptedServer, User, create_test_app
 from .gunicorn import ROOT, free_port, start_gunicorn
+from .helpers import login_as
 from .http_client import logged_in_session, user_input
 from .s3 import S3Server
 
@@ -43,12 +47,6 @@ def _disk_app(tmp_path: Path, **config: Any) -> Flask:
         CHATKIT_ATTACHMENTS_DIR=str(tmp_path / "files"),
         **config,
     )
-
-
-def _login(app: Flask, user: str = "alice") -> FlaskClient:
-    web = app.test_client()
-    assert web.post(f"/login/{user}").status_code == 200
-    return web
 
 
 def _direct(web: FlaskClient, data: bytes, name: str = "a.txt") -> Any:
@@ -81,7 +79,7 @@ def _rows(app: Flask) -> dict[str, Any]:
 
 def test_prune_reclaims_attachments_of_a_thread_that_was_never_created(tmp_path: Path) -> None:
     app = _disk_app(tmp_path)
-    web = _login(app)
+    web = login_as(app, "alice").client
     answer = _direct(web, b"orphan bytes")
     assert answer.status_code == 200
     orphan = answer.get_json()["id"]
@@ -113,6 +111,27 @@ def _dead_s3_client(s3_server: S3Server) -> Any:
     )
 
 
+@contextmanager
+def _s3_down(app: Flask, s3_server: S3Server) -> Iterator[None]:
+    """S3 is down for the app's attachment storage while inside; back up afterwards."""
+    storage = app.extensions["chatkit"].attachment_store.storage
+    live_client = storage.client
+    storage._client = _dead_s3_client(s3_server)
+    try:
+        yield
+    finally:
+        storage._client = live_client
+
+
+def _sent(ck: ChatKitClient, data: bytes, text: str = "hi") -> tuple[str, str]:
+    """Upload ``data`` directly and send it in a new thread: (attachment id, thread id)."""
+    attachment_id = _direct(ck.client, data).get_json()["id"]
+    events = ck.send(
+        {"type": "threads.create", "params": {"input": user_input(text, [attachment_id])}}
+    )
+    return attachment_id, events[0].thread.id
+
+
 # -- #4 a thread deleted while S3 is down ------------------------------------------------
 
 
@@ -120,29 +139,22 @@ def test_thread_deleted_while_s3_is_down_keeps_a_row_until_prune_removes_the_obj
     tmp_path: Path, s3_server: S3Server, s3_bucket: str
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
-    web = _login(app)
-    ck = ChatKitClient(web)
-    attachment_id = _direct(web, b"kept safe").get_json()["id"]
-    events = ck.send(
-        {"type": "threads.create", "params": {"input": user_input("hi", [attachment_id])}}
-    )
-    thread_id = events[0].thread.id
+    ck = login_as(app, "alice")
+    attachment_id, thread_id = _sent(ck, b"kept safe")
     assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]
 
-    storage = app.extensions["chatkit"].attachment_store.storage
-    live_client = storage.client
-    storage._client = _dead_s3_client(s3_server)  # S3 goes down
-    assert ck.send({"type": "threads.delete", "params": {"thread_id": thread_id}}) == {}
-    assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]  # the object stays ...
-    assert _rows(app) == {attachment_id: "deleted"}  # ... and a row still leads to it
-    answer = web.get(f"/chatkit/attachments/{attachment_id}/content")
-    assert answer.status_code == 404  # gone for the user
+    with _s3_down(app, s3_server):
+        assert ck.send({"type": "threads.delete", "params": {"thread_id": thread_id}}) == {}
+        assert s3_server.keys(s3_bucket) == [f"p/{attachment_id}"]  # the object stays ...
+        assert _rows(app) == {attachment_id: "deleted"}  # ... and a row still leads to it
+        answer = ck.client.get(f"/chatkit/attachments/{attachment_id}/content")
+        assert answer.status_code == 404  # gone for the user
 
-    prune = app.test_cli_runner().invoke(chatkit_cli, ["prune", "--older-than", "1"])
-    assert prune.exit_code == 0  # still down: nothing lost, the row stays
-    assert _rows(app) == {attachment_id: "deleted"}
+        prune = app.test_cli_runner().invoke(chatkit_cli, ["prune", "--older-than", "1"])
+        assert prune.exit_code == 0  # still down: nothing lost, the row stays
+        assert _rows(app) == {attachment_id: "deleted"}
 
-    storage._client = live_client  # S3 is back
+    # S3 is back.
     prune = app.test_cli_runner().invoke(chatkit_cli, ["prune", "--older-than", "1"])
     assert prune.exit_code == 0, prune.output
     assert s3_server.keys(s3_bucket) == []
@@ -153,21 +165,11 @@ def test_the_next_successful_delete_removes_what_an_outage_left(
     tmp_path: Path, s3_server: S3Server, s3_bucket: str
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
-    web = _login(app)
-    ck = ChatKitClient(web)
-    threads = []
-    for name in ("one", "two"):
-        attachment_id = _direct(web, name.encode()).get_json()["id"]
-        events = ck.send(
-            {"type": "threads.create", "params": {"input": user_input(name, [attachment_id])}}
-        )
-        threads.append(events[0].thread.id)
-    storage = app.extensions["chatkit"].attachment_store.storage
-    live_client = storage.client
-    storage._client = _dead_s3_client(s3_server)
-    ck.send({"type": "threads.delete", "params": {"thread_id": threads[0]}})
-    assert len(s3_server.keys(s3_bucket)) == 2
-    storage._client = live_client
+    ck = login_as(app, "alice")
+    threads = [_sent(ck, name.encode(), name)[1] for name in ("one", "two")]
+    with _s3_down(app, s3_server):
+        ck.send({"type": "threads.delete", "params": {"thread_id": threads[0]}})
+        assert len(s3_server.keys(s3_bucket)) == 2
     ck.send({"type": "threads.delete", "params": {"thread_id": threads[1]}})
     assert s3_server.keys(s3_bucket) == []
     assert _rows(app) == {}
@@ -193,8 +195,8 @@ def test_attachment_store_without_storage_deletes_files_with_their_thread(tmp_pa
         return jsonify(ok=True)
 
     ChatKit(app, ScriptedServer, attachment_store=FileAttachmentStore(max_bytes=1000))
-    web = _login(app)
-    ck = ChatKitClient(web)
+    ck = login_as(app, "alice")
+    web = ck.client
     attachment_id = _direct(web, b"to be deleted").get_json()["id"]
     events = ck.send(
         {"type": "threads.create", "params": {"input": user_input("x", [attachment_id])}}
@@ -207,10 +209,15 @@ def test_attachment_store_without_storage_deletes_files_with_their_thread(tmp_pa
 
 # -- #6 claims expire; a failed final write gives the claim back ---------------------------
 
-FAIL_DONE = """
+FAIL_STATES = """
 CREATE TRIGGER chatkit_test_fail BEFORE UPDATE OF upload_state ON chatkit_attachments
 WHEN NEW.upload_state IN ({states}) BEGIN SELECT RAISE(ABORT, 'database failed'); END
 """
+LOG_STATES = """
+CREATE TRIGGER chatkit_test_log AFTER UPDATE OF upload_state ON chatkit_attachments
+BEGIN INSERT INTO chatkit_test_states VALUES (NEW.upload_state); END
+"""
+TEST_TRIGGERS = ("chatkit_test_fail", "chatkit_test_log")
 
 
 def _upload_raw(web: FlaskClient, attachment_id: str, data: bytes) -> Any:
@@ -219,39 +226,61 @@ def _upload_raw(web: FlaskClient, attachment_id: str, data: bytes) -> Any:
     )
 
 
-def test_failed_final_write_gives_the_claim_back(tmp_path: Path) -> None:
+def _failed_upload(app: Flask, web: FlaskClient, attachment_id: str, states: str) -> list[str]:
+    """Upload while every write of ``states`` into upload_state fails (the database
+    fails; a trigger's abort is a 500, an outage would be a 503). Returns the
+    upload_states written meanwhile, in order. The triggers are gone afterwards,
+    on every path."""
+    engine = app.extensions["chatkit"].store.engine
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE chatkit_test_states (state VARCHAR(16))")
+        conn.exec_driver_sql(FAIL_STATES.format(states=states))
+        conn.exec_driver_sql(LOG_STATES)
+    try:
+        answer = _upload_raw(web, attachment_id, b"12345")
+    finally:
+        with engine.begin() as conn:
+            for trigger in TEST_TRIGGERS:
+                conn.exec_driver_sql(f"DROP TRIGGER {trigger}")
+            written = list(conn.exec_driver_sql("SELECT state FROM chatkit_test_states").scalars())
+            conn.exec_driver_sql("DROP TABLE chatkit_test_states")
+    assert answer.status_code in (500, 503), answer.get_data(as_text=True)
+    return written
+
+
+def test_failed_final_write_gives_the_claim_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claim never goes stale here: only its release can let the retry below in.
+    monkeypatch.setattr(sql_storage, "CLAIM_STALE_SECONDS", 10**9)
     app = _disk_app(tmp_path)
-    web = _login(app)
-    ck = ChatKitClient(web)
-    store = app.extensions["chatkit"].store
+    ck = login_as(app, "alice")
     attachment = _create(ck, 5)
-    with store.engine.begin() as conn:
-        conn.exec_driver_sql(FAIL_DONE.format(states="'done'"))
-    assert _upload_raw(web, attachment.id, b"12345").status_code >= 500
-    with store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER chatkit_test_fail")
+    written = _failed_upload(app, ck.client, attachment.id, "'done'")
+    # The upload claimed the row, its final write ("done") failed, and the release
+    # put the row back to pending (and removed the bytes it had written).
+    assert len(written) == 2 and written[0].startswith("c:"), written
+    assert written[1] == "pending", written
     assert _rows(app) == {attachment.id: "pending"}
-    assert _upload_raw(web, attachment.id, b"12345").status_code == 200
+    assert _files(tmp_path) == []
+    # So the client's retry, right away, succeeds.
+    answer = _upload_raw(ck.client, attachment.id, b"12345")
+    assert answer.status_code == 200, answer.get_data(as_text=True)
+    assert _rows(app) == {attachment.id: "done"}
     ck.send({"type": "threads.create", "params": {"input": user_input("x", [attachment.id])}})
 
 
 def test_a_stuck_claim_expires(tmp_path: Path) -> None:
     """The final write and the release both fail (the database went away), or the
     worker was killed: the claim stays, then goes stale and a retry takes it."""
-    from flask_chatkit.storage.sql import claim_token
-
     app = _disk_app(tmp_path)
-    web = _login(app)
-    ck = ChatKitClient(web)
+    ck = login_as(app, "alice")
+    web = ck.client
     store = app.extensions["chatkit"].store
     attachment = _create(ck, 5)
-    with store.engine.begin() as conn:
-        conn.exec_driver_sql(FAIL_DONE.format(states="'done', 'pending'"))
-    assert _upload_raw(web, attachment.id, b"12345").status_code >= 500
-    with store.engine.begin() as conn:
-        conn.exec_driver_sql("DROP TRIGGER chatkit_test_fail")
-    state = _rows(app)[attachment.id]
-    assert state.startswith("c:")
+    written = _failed_upload(app, web, attachment.id, "'done', 'pending'")
+    assert len(written) == 1 and written[0].startswith("c:"), written  # no release
+    assert _rows(app) == {attachment.id: written[0]}
     assert _upload_raw(web, attachment.id, b"12345").status_code == 409  # a live claim holds
     # Two minutes later (the claim's time moved back: the clock is not patched).
     a = store.attachments
@@ -259,7 +288,7 @@ def test_a_stuck_claim_expires(tmp_path: Path) -> None:
         conn.execute(
             sa.update(a)
             .where(a.c.id == attachment.id)
-            .values(upload_state=claim_token(time.time() - 120))
+            .values(upload_state=sql_storage.claim_token(time.time() - 120))
         )
     answer = _upload_raw(web, attachment.id, b"12345")
     assert answer.status_code == 200, answer.get_data(as_text=True)
@@ -276,8 +305,8 @@ def test_pending_bytes_are_bounded_per_user_and_freed_by_sending_or_deleting(
     app = _disk_app(
         tmp_path, CHATKIT_MAX_ATTACHMENT_BYTES=2000, CHATKIT_MAX_PENDING_ATTACHMENT_BYTES=3000
     )
-    web = _login(app)
-    ck = ChatKitClient(web)
+    ck = login_as(app, "alice")
+    web = ck.client
     first = _direct(web, b"a" * 1500).get_json()["id"]
     second = _direct(web, b"b" * 1500).get_json()["id"]
     refused = _direct(web, b"c")
@@ -290,7 +319,7 @@ def test_pending_bytes_are_bounded_per_user_and_freed_by_sending_or_deleting(
     assert answer.status_code == 413 and "3000" in answer.get_json()["error"]["message"]
     assert sorted(_files(tmp_path)) == sorted([first, second])
     # Another user is not affected.
-    assert _direct(_login(app, "bob"), b"d" * 1500).status_code == 200
+    assert _direct(login_as(app, "bob").client, b"d" * 1500).status_code == 200
 
     ck.send({"type": "threads.create", "params": {"input": user_input("x", [first])}})
     assert _upload_raw(web, two_phase.id, b"x" * 100).status_code == 200  # sending freed room
@@ -307,7 +336,7 @@ def test_pending_quota_counts_declared_sizes_on_s3(
         CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p",
         CHATKIT_MAX_PENDING_ATTACHMENT_BYTES=3000,
     )
-    ck = ChatKitClient(_login(app))
+    ck = login_as(app, "alice")
     _create(ck, 2000)
     with pytest.raises(Exception) as refused:
         _create(ck, 2000)
@@ -368,7 +397,7 @@ def test_full_disk_is_507_and_health_reports_it(tmp_path: Path) -> None:
 
 def test_prune_in_tokyo_keeps_a_fresh_upload(tmp_path: Path) -> None:
     app = _disk_app(tmp_path)
-    web = _login(app)
+    web = login_as(app, "alice").client
     fresh = _direct(web, b"seconds old").get_json()["id"]
     env = {
         **os.environ,
@@ -411,8 +440,8 @@ def test_prune_in_tokyo_keeps_a_fresh_upload(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_raw_upload_of_exactly_the_limit_passes(tmp_path: Path) -> None:
     app = _disk_app(tmp_path, CHATKIT_MAX_ATTACHMENT_BYTES=1000)
-    web = _login(app)
-    ck = ChatKitClient(web)
+    ck = login_as(app, "alice")
+    web = ck.client
     exact = _create(ck, 1000)
     answer = _upload_raw(web, exact.id, b"x" * 1000)
     assert answer.status_code == 200, answer.get_data(as_text=True)
@@ -458,8 +487,8 @@ def test_s3_serves_a_presigned_upload_before_it_is_sent(
     tmp_path: Path, s3_server: S3Server, s3_bucket: str
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
-    web = _login(app)
-    ck = ChatKitClient(web)
+    ck = login_as(app, "alice")
+    web = ck.client
     attachment = _create(ck, 5)
     assert web.get(f"/chatkit/attachments/{attachment.id}/content").status_code == 404
     descriptor = attachment.upload_descriptor
@@ -472,7 +501,9 @@ def test_s3_serves_a_presigned_upload_before_it_is_sent(
     assert requests.get(answer.headers["Location"], timeout=10).content == b"hello"
     # The owner only.
     assert (
-        _login(app, "bob").get(f"/chatkit/attachments/{attachment.id}/content").status_code == 404
+        login_as(app, "bob").client.get(f"/chatkit/attachments/{attachment.id}/content")
+        .status_code
+        == 404
     )
 
 
@@ -483,10 +514,8 @@ def test_s3_outage_is_logged_as_storage_unavailable(
     tmp_path: Path, s3_server: S3Server, s3_bucket: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     app = _disk_app(tmp_path, CHATKIT_ATTACHMENTS_URL=f"s3://{s3_bucket}/p")
-    web = _login(app)
-    storage = app.extensions["chatkit"].attachment_store.storage
-    storage._client = _dead_s3_client(s3_server)
-    with caplog.at_level("WARNING", logger="flask_chatkit"):
+    web = login_as(app, "alice").client
+    with _s3_down(app, s3_server), caplog.at_level("WARNING", logger="flask_chatkit"):
         answer = _direct(web, b"nowhere to go")
     assert answer.status_code == 503
     assert answer.get_json()["error"]["code"] == "storage_unavailable"

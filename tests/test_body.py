@@ -10,6 +10,7 @@ from __future__ import annotations
 from flask import Flask
 from flask.testing import FlaskClient
 
+from .helpers import login_as
 from .http_client import create_request
 
 
@@ -29,7 +30,7 @@ def record_teardowns(app: Flask) -> list[str]:
 
 def test_teardown_runs_once_after_the_stream_is_read(app: Flask, client: FlaskClient) -> None:
     torn = record_teardowns(app)
-    assert client.post("/login/alice").status_code == 200
+    login_as(client, "alice")
     torn.clear()
     response = client.post("/chatkit", json=create_request("words=3"))
     assert response.mimetype == "text/event-stream"
@@ -45,7 +46,7 @@ def test_a_body_closed_unread_still_gives_the_contexts_back(
     app: Flask, client: FlaskClient
 ) -> None:
     torn = record_teardowns(app)
-    assert client.post("/login/alice").status_code == 200
+    login_as(client, "alice")
     torn.clear()
     response = client.post("/chatkit", json=create_request("words=50 delay=0.05"))
     assert torn == []

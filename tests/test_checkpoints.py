@@ -25,6 +25,7 @@ from sqlalchemy import exc as sa_exc
 from flask_chatkit import RequestContext, SQLAlchemyStore
 from flask_chatkit.storage.sql import CHECKPOINT_FLAG, DuplicateIdError
 from tests.apps import create_test_app
+from tests.helpers import created_thread_id, login_as, sse_data, thread_id_of
 from tests.http_client import create_request
 
 CTX = RequestContext(user_id="ada")
@@ -179,10 +180,6 @@ def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
 # -- through the Flask view ---------------------------------------------------------
 
 
-def sse(chunk: bytes) -> list[dict[str, Any]]:
-    return [json.loads(line[5:]) for line in chunk.split(b"\n") if line.startswith(b"data:")]
-
-
 def stored_items(db: Path, thread_id: str) -> list[tuple[str, str, dict[str, Any]]]:
     """(id, type, payload) of a thread's item rows, read on a connection of our own."""
     with sqlite3.connect(db, timeout=10) as conn:
@@ -213,8 +210,7 @@ def start_stream(tmp_path: Path, text: str, store: Any = None, **config: Any) ->
         store=store, instance_path=str(tmp_path / "instance"),
         CHATKIT_DATABASE_URL=f"sqlite:///{db}", **config,
     )
-    client = app.test_client()
-    assert client.post("/login/ada").status_code == 200
+    client = login_as(app, "ada").client
     response = client.post("/chatkit", json=create_request(text), buffered=False)
     assert response.status_code == 200
     return response, iter(response.response)
@@ -229,10 +225,10 @@ def test_a_streaming_reply_is_checkpointed_under_the_id_the_client_saw(tmp_path:
     seen: list[tuple[float, str]] = []  # (when, stored text) each time the stored text changed
     started = time.monotonic()
     for chunk in chunks:
-        events += sse(chunk)
+        events += sse_data(chunk)
         added = [e for e in events if e["type"] == "thread.item.added"
                  and e["item"]["type"] == "assistant_message"]
-        thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
+        thread_id = created_thread_id(events)
         if added and not reply_done(events):
             rows = [r for r in stored_items(db, thread_id) if r[1] == "assistant_message"]
             # The reader lags behind the stream: the final row may already be there.
@@ -261,11 +257,11 @@ def test_checkpoints_off_write_nothing_mid_stream(tmp_path: Path) -> None:
     reads = 0
     events: list[dict[str, Any]] = []
     for chunk in chunks:
-        events += sse(chunk)
-        thread = [e["thread"]["id"] for e in events if e["type"] == "thread.created"]
-        if thread and not reply_done(events):
+        events += sse_data(chunk)
+        thread_id = thread_id_of(events)
+        if thread_id and not reply_done(events):
             reads += 1
-            rows = stored_items(db, thread[0])
+            rows = stored_items(db, thread_id)
             mid_stream += [text_of(r[2]) for r in rows if r[1] == "assistant_message"]
     response.close()
     # Only ever the final row (the reader lags behind the stream), never a partial one.
@@ -290,7 +286,7 @@ def test_a_failing_checkpoint_ends_the_stream_with_an_error(tmp_path: Path) -> N
         tmp_path, "words=200 delay=0.05", store=FailingCheckpoints, CHATKIT_CHECKPOINT_SECONDS=0.2
     )
     started = time.monotonic()
-    events = [e for chunk in chunks for e in sse(chunk)]
+    events = [e for chunk in chunks for e in sse_data(chunk)]
     took = time.monotonic() - started
     response.close()
     # The third checkpoint (~0.6 s) fails: the stream ends then, with an error event.
@@ -311,11 +307,11 @@ def test_a_cancelled_reply_that_opened_a_content_part_is_kept_once(tmp_path: Pat
     )
     events: list[dict[str, Any]] = []
     for chunk in chunks:
-        events += sse(chunk)
+        events += sse_data(chunk)
         if sum(e["type"] == "thread.item.updated" for e in events) >= 15:
             break  # past a few checkpoints, mid-reply
     response.close()  # the client leaves: ChatKit saves the partial reply
-    thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
+    thread_id = created_thread_id(events)
     rows = [r for r in stored_items(db, thread_id) if r[1] == "assistant_message"]
     assert len(rows) == 1
     kept = text_of(rows[0][2])

@@ -8,7 +8,6 @@ from typing import Any
 import pytest
 from chatkit.types import (
     AssistantMessageItem,
-    ThreadCreatedEvent,
     ThreadItemDoneEvent,
     ThreadItemUpdatedEvent,
     UserMessageItem,
@@ -18,11 +17,8 @@ from flask.testing import FlaskClient
 
 from flask_chatkit.testing import ChatKitClient, ChatKitHTTPError
 
+from .helpers import created_thread_id
 from .memory_store import MemoryStore
-
-
-def thread_id_of(events: list[Any]) -> str:
-    return next(e.thread.id for e in events if isinstance(e, ThreadCreatedEvent))
 
 
 def post(client: FlaskClient, payload: Any, **kwargs: Any) -> Any:
@@ -43,7 +39,7 @@ def assert_json_error(response: Any, status: int, code: str) -> dict[str, Any]:
 
 def test_create_thread_streams_user_message_and_reply(alice: ChatKitClient) -> None:
     events = alice.create_thread("hello words=4")
-    thread_id = thread_id_of(events)
+    thread_id = created_thread_id(events)
     deltas = [e.update.delta for e in events if isinstance(e, ThreadItemUpdatedEvent)]
     assert deltas == ["w0 ", "w1 ", "w2 ", "w3 "]
     done = [e.item for e in events if isinstance(e, ThreadItemDoneEvent)]
@@ -69,7 +65,7 @@ def test_streaming_response_headers(client: FlaskClient, alice: ChatKitClient) -
 
 
 def test_add_user_message_continues_thread(alice: ChatKitClient) -> None:
-    thread_id = thread_id_of(alice.create_thread("first words=1"))
+    thread_id = created_thread_id(alice.create_thread("first words=1"))
     alice.add_user_message(thread_id, "second words=2")
     texts = [
         i.content[0].text
@@ -181,7 +177,7 @@ def test_nonpositive_limit_is_400_and_large_limit_is_clamped(store: MemoryStore)
 
 
 def test_unknown_after_cursor_is_404(client: FlaskClient, alice: ChatKitClient) -> None:
-    thread_id = thread_id_of(alice.create_thread("a words=1"))
+    thread_id = created_thread_id(alice.create_thread("a words=1"))
     assert_json_error(
         post(client, {"type": "threads.list", "params": {"after": "thr_nope"}}), 404, "not_found"
     )
@@ -215,7 +211,7 @@ FOREIGN_REQUESTS = [
 def test_foreign_thread_is_404_and_untouched(
     client: FlaskClient, alice: ChatKitClient, bob: ChatKitClient, template: dict[str, Any]
 ) -> None:
-    thread_id = thread_id_of(alice.create_thread("secret words=2"))
+    thread_id = created_thread_id(alice.create_thread("secret words=2"))
     item_id = alice.list_items(thread_id).data[0].id
     before = alice.list_items(thread_id).data
     payload = json.loads(json.dumps(template).replace("{tid}", thread_id).replace("{iid}", item_id))
@@ -252,7 +248,7 @@ def test_failure_inside_respond_ends_stream_with_error_event(alice: ChatKitClien
     events = alice.create_thread("boom fail=1")
     assert events[-1].type == "error"
     # The user message was still saved and the server keeps serving.
-    thread_id = thread_id_of(events)
+    thread_id = created_thread_id(events)
     assert isinstance(alice.list_items(thread_id).data[0], UserMessageItem)
 
 

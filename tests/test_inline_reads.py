@@ -19,6 +19,7 @@ from flask_chatkit.storage.sql import SQLAlchemyStore
 from flask_chatkit.testing import ChatKitClient
 
 from .apps import create_test_app
+from .helpers import created_thread_id, login_as
 
 
 class _RecordingStore(SQLAlchemyStore):
@@ -36,9 +37,7 @@ class _RecordingStore(SQLAlchemyStore):
 
 def _client(store: SQLAlchemyStore, tmp_path: Path) -> ChatKitClient:
     app = create_test_app(store=store, instance_path=str(tmp_path / "instance"))
-    client = app.test_client()
-    assert client.post("/login/ann").status_code == 200
-    return ChatKitClient(client)
+    return login_as(app, "ann")
 
 
 def test_reads_run_on_the_request_thread_and_writes_on_the_loop(tmp_path: Path) -> None:
@@ -47,7 +46,7 @@ def test_reads_run_on_the_request_thread_and_writes_on_the_loop(tmp_path: Path) 
     assert kit.list_threads().data == []  # the first request also creates the tables
     store.threads_seen.clear()
     events = kit.create_thread("hello words=2")
-    thread_id = next(e.thread.id for e in events if e.type == "thread.created")
+    thread_id = created_thread_id(events)
     here = threading.get_ident()
     assert here not in store.threads_seen["write"]  # streams write from the store's threads
     store.threads_seen.clear()
@@ -62,9 +61,8 @@ def test_a_foreign_thread_is_still_404_inline(tmp_path: Path) -> None:
     store = SQLAlchemyStore(f"sqlite:///{tmp_path / 'f.sqlite3'}")
     kit = _client(store, tmp_path)
     events = kit.create_thread("mine words=1")
-    thread_id = next(e.thread.id for e in events if e.type == "thread.created")
-    app_client = kit.client
-    assert app_client.post("/login/bob").status_code == 200
+    thread_id = created_thread_id(events)
+    app_client = login_as(kit.client, "bob").client
     response = app_client.post(
         "/chatkit", json={"type": "items.list", "params": {"thread_id": thread_id}}
     )

@@ -21,7 +21,8 @@ from flask_chatkit.testing import ChatKitClient
 from flask_chatkit.web.checks import MAX_ITEM_IDS
 
 from .apps import ScriptedServer, create_test_app
-from .test_endpoint import assert_json_error, post, thread_id_of
+from .helpers import created_thread_id
+from .test_endpoint import assert_json_error, post
 
 
 class FeedbackServer(ScriptedServer):
@@ -73,7 +74,7 @@ def start_thread(client: FlaskClient, user: str = "alice") -> tuple[str, list[st
     client.post(f"/login/{user}")
     events = ChatKitClient(client).create_thread("hi words=1")
     done = [e.item.id for e in events if isinstance(e, ThreadItemDoneEvent)]
-    return thread_id_of(events), done
+    return created_thread_id(events), done
 
 
 def test_repeated_ids_are_checked_once_and_passed_on_once(

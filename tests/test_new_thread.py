@@ -19,6 +19,7 @@ from sqlalchemy import exc as sa_exc
 from flask_chatkit.storage.sql import SQLAlchemyStore
 
 from .apps import create_test_app
+from .helpers import login_as, sse_data
 
 OUTAGE = sa_exc.OperationalError("INSERT", {}, ConnectionError("server closed"))
 
@@ -48,17 +49,14 @@ def _create(client: Any) -> Any:
 
 
 def _events(response: Any) -> list[dict[str, Any]]:
-    return [json.loads(line[6:]) for line in response.get_data(as_text=True).splitlines()
-            if line.startswith("data: ")]  # fmt: skip
+    return sse_data(response.get_data())
 
 
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[_FailingStore, Any]:
     store = _FailingStore(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     app = create_test_app(store=store, instance_path=str(tmp_path / "instance"))
-    client = app.test_client()
-    assert client.post("/login/ada").status_code == 200
-    return store, client
+    return store, login_as(app, "ada").client
 
 
 def _listed(client: Any) -> list[str]:

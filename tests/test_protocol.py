@@ -19,8 +19,8 @@ from flask_chatkit.web.endpoint import process as process_parsed
 from flask_chatkit.web.request_body import parse_request
 
 from .apps import ScriptedServer, create_test_app
+from .helpers import created_thread_id
 from .memory_store import MemoryStore
-from .test_endpoint import thread_id_of
 
 CONTEXT = RequestContext(user_id="alice")
 
@@ -103,7 +103,7 @@ def test_view_never_builds_a_type_adapter_per_request(monkeypatch: pytest.Monkey
     from flask_chatkit.testing import ChatKitClient
 
     kit = ChatKitClient(client)
-    thread_id = thread_id_of(kit.create_thread("hi words=2"))
+    thread_id = created_thread_id(kit.create_thread("hi words=2"))
     kit.list_threads()
     kit.list_items(thread_id)
     assert built == []

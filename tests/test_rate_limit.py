@@ -22,6 +22,7 @@ from flask_chatkit.testing import ChatKitClient, ChatKitHTTPError
 
 from .apps import create_test_app
 from .gunicorn import start_gunicorn
+from .helpers import login_as
 from .http_client import create_request, logged_in_session
 from .memory_store import MemoryStore
 
@@ -52,12 +53,6 @@ def gunicorn_limited_app() -> Flask:
     return limited_app(headers_enabled=True)
 
 
-def signed_in(app: Flask, user: str) -> ChatKitClient:
-    client = app.test_client()
-    assert client.post(f"/login/{user}").status_code == 200
-    return ChatKitClient(client)
-
-
 def thread_of(events: list[Any]) -> str:
     return next(e.thread.id for e in events if isinstance(e, ThreadCreatedEvent))
 
@@ -65,7 +60,7 @@ def thread_of(events: list[Any]) -> str:
 @pytest.mark.parametrize("headers_enabled", [False, True])
 def test_messages_per_user_are_limited_with_json_429(headers_enabled: bool) -> None:
     app = limited_app(headers_enabled=headers_enabled)
-    alice, bob = signed_in(app, "alice"), signed_in(app, "bob")
+    alice, bob = login_as(app, "alice"), login_as(app, "bob")
     thread_id = thread_of(alice.create_thread("first words=1"))
     for n in range(2, MESSAGES_PER_MINUTE + 1):
         alice.add_user_message(thread_id, f"message {n} words=1")
@@ -99,7 +94,7 @@ def test_messages_per_user_are_limited_with_json_429(headers_enabled: bool) -> N
 
 def test_limit_hook_reads_the_body_once_and_errors_keep_their_shape() -> None:
     app = limited_app(CHATKIT_MAX_REQUEST_BYTES=2048)
-    alice = signed_in(app, "alice")
+    alice = login_as(app, "alice")
     # exempt_when read the body first: the endpoint still serves the same bytes.
     assert thread_of(alice.create_thread("hello words=1"))
     too_big = alice.client.post(

@@ -30,9 +30,9 @@ from flask.testing import FlaskClient
 from flask_chatkit.testing import ChatKitClient
 
 from .apps import ScriptedServer, create_test_app
-from .helpers import login_as
+from .helpers import created_thread_id, login_as
 from .memory_store import MemoryStore
-from .test_endpoint import assert_json_error, post, thread_id_of
+from .test_endpoint import assert_json_error, post
 
 
 def assert_no_traceback(caplog: pytest.LogCaptureFixture) -> None:
@@ -49,50 +49,60 @@ def transcribe_request() -> dict[str, Any]:
     }
 
 
+def custom_action(
+    thread_id: str, item_id: str | None = None, kind: str = "threads.custom_action"
+) -> dict[str, Any]:
+    params: dict[str, Any] = {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}}
+    if item_id is not None:
+        params["item_id"] = item_id
+    return {"type": kind, "params": params}
+
+
 def thread_with_reply(alice: ChatKitClient) -> tuple[str, str, str]:
     events = alice.create_thread("hello words=2")
     done = [e.item for e in events if isinstance(e, ThreadItemDoneEvent)]
     user = next(i for i in done if isinstance(i, UserMessageItem))
     assistant = next(i for i in done if isinstance(i, AssistantMessageItem))
-    return thread_id_of(events), user.id, assistant.id
+    return created_thread_id(events), user.id, assistant.id
+
+
+def refused(
+    client: FlaskClient, request: Any, status: int, code: str, caplog: pytest.LogCaptureFixture
+) -> dict[str, Any]:
+    """The JSON error ``request`` is answered with; nothing logged as a failure."""
+    caplog.clear()
+    caplog.set_level(logging.DEBUG)
+    error = assert_json_error(post(client, request), status, code)
+    assert_no_traceback(caplog)
+    return error
 
 
 def test_transcribe_without_transcribe_is_501(
     client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.DEBUG)
-    error = assert_json_error(post(client, transcribe_request()), 501, "not_implemented")
+    error = refused(client, transcribe_request(), 501, "not_implemented", caplog)
     assert "input.transcribe" in error["message"]
-    assert_no_traceback(caplog)
 
 
 def test_sync_custom_action_without_sync_action_is_501(
     client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     thread_id, _, _ = thread_with_reply(alice)
-    caplog.clear()
-    caplog.set_level(logging.DEBUG)
-    action = {
-        "type": "threads.sync_custom_action",
-        "params": {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}},
-    }
-    assert_json_error(post(client, action), 501, "not_implemented")
-    assert_no_traceback(caplog)
+    action = custom_action(thread_id, kind="threads.sync_custom_action")
+    error = refused(client, action, 501, "not_implemented", caplog)
+    assert "threads.sync_custom_action" in error["message"]
 
 
 def test_client_tool_output_without_pending_call_is_400(
     client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     thread_id, _, _ = thread_with_reply(alice)
-    caplog.clear()
-    caplog.set_level(logging.DEBUG)
     request = {
         "type": "threads.add_client_tool_output",
         "params": {"thread_id": thread_id, "result": {"ok": True}},
     }
-    error = assert_json_error(post(client, request), 400, "invalid_request")
+    error = refused(client, request, 400, "invalid_request", caplog)
     assert "pending client tool call" in error["message"]
-    assert_no_traceback(caplog)
     assert len(alice.list_items(thread_id).data) == 2  # nothing changed
 
 
@@ -100,15 +110,12 @@ def test_retry_after_an_assistant_item_is_400_and_a_user_item_still_works(
     client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     thread_id, user_id, assistant_id = thread_with_reply(alice)
-    caplog.clear()
-    caplog.set_level(logging.DEBUG)
     retry: dict[str, Any] = {
         "type": "threads.retry_after_item",
         "params": {"thread_id": thread_id, "item_id": assistant_id},
     }
-    error = assert_json_error(post(client, retry), 400, "invalid_request")
+    error = refused(client, retry, 400, "invalid_request", caplog)
     assert "not a user message" in error["message"]
-    assert_no_traceback(caplog)
     assert [i.id for i in alice.list_items(thread_id).data] == [user_id, assistant_id]
 
     retry["params"]["item_id"] = user_id
@@ -137,49 +144,32 @@ def test_implemented_operations_are_served_and_a_non_widget_sender_is_400(
     app = create_test_app(
         store=MemoryStore(), server_cls=FullServer, instance_path=str(tmp_path / "i")
     )
-    client = app.test_client()
-    client.post("/login/alice")
-    alice = ChatKitClient(client)
+    alice = login_as(app, "alice")
+    client = alice.client
     response = post(client, transcribe_request())
     assert response.status_code == 200 and response.get_json()["text"].endswith("bytes")
 
     thread_id, user_id, _ = thread_with_reply(alice)
-    action: dict[str, Any] = {
-        "type": "threads.sync_custom_action",
-        "params": {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}},
-    }
     FullServer.actions.clear()
-    served = post(client, action)
+    served = post(client, custom_action(thread_id, kind="threads.sync_custom_action"))
     assert served.status_code == 200, served.get_data(as_text=True)
     assert served.get_json() == {}  # the SDK's empty SyncCustomActionResponse, as JSON
     assert FullServer.actions == [(thread_id, "ping", "alice")]  # sync_action ran, once
-    caplog.clear()
-    caplog.set_level(logging.DEBUG)
-    action["params"]["item_id"] = user_id
-    error = assert_json_error(post(client, action), 400, "invalid_request")
+    action = custom_action(thread_id, user_id, kind="threads.sync_custom_action")
+    error = refused(client, action, 400, "invalid_request", caplog)
     assert "not a widget" in error["message"]
-    assert_no_traceback(caplog)
 
 
 # -- threads.custom_action and threads.add_structured_input ------------------------------
-
-
-def custom_action(thread_id: str, item_id: str | None = None) -> dict[str, Any]:
-    params: dict[str, Any] = {"thread_id": thread_id, "action": {"type": "ping", "payload": {}}}
-    if item_id is not None:
-        params["item_id"] = item_id
-    return {"type": "threads.custom_action", "params": params}
 
 
 def test_custom_action_without_action_is_501(
     client: FlaskClient, alice: ChatKitClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     thread_id, _, _ = thread_with_reply(alice)
-    caplog.set_level(logging.DEBUG)
-    error = assert_json_error(post(client, custom_action(thread_id)), 501, "not_implemented")
+    error = refused(client, custom_action(thread_id), 501, "not_implemented", caplog)
     assert "threads.custom_action" in error["message"]
     assert "ScriptedServer.action" in error["message"]
-    assert_no_traceback(caplog)
 
 
 class ActionServer(ScriptedServer):

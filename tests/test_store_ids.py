@@ -28,6 +28,7 @@ import flask_chatkit.storage.sql as ids
 from flask_chatkit.storage.sql import DuplicateIdError, SQLAlchemyStore
 
 from .apps import create_test_app
+from .helpers import login_as
 
 T = TypeVar("T")
 ALICE = SimpleNamespace(user_id="alice")
@@ -156,8 +157,7 @@ class _GeneratesOneIdTwice(SQLAlchemyStore):
 def test_threads_create_with_a_clashing_id_fails_and_hijacks_nothing(tmp_path: Path) -> None:
     store = _GeneratesOneIdTwice(f"sqlite:///{tmp_path / 'c.sqlite3'}")
     app = create_test_app(store=store, instance_path=str(tmp_path / "instance"))
-    client = app.test_client()
-    assert client.post("/login/ada").status_code == 200
+    client = login_as(app, "ada").client
 
     def create(text: str) -> Any:
         body = {"type": "threads.create", "params": {"input": {

@@ -13,6 +13,7 @@ from flask import Flask
 from flask.testing import FlaskClient
 
 from .apps import create_test_app
+from .helpers import login_as
 from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
 
@@ -27,12 +28,6 @@ def capped_app(tmp_path: Path) -> Flask:
         instance_path=str(tmp_path / "instance"),
         CHATKIT_MAX_STREAMS_PER_USER=CAP,
     )
-
-
-def login(app: Flask, user: str) -> FlaskClient:
-    client = app.test_client()
-    assert client.post(f"/login/{user}").status_code == 200
-    return client
 
 
 class HeldStream:
@@ -77,11 +72,22 @@ def open_stream(client: FlaskClient) -> HeldStream:
     return held
 
 
+def assert_every_slot_free(client: FlaskClient) -> None:
+    """The user can hold ``CAP`` streams at once again (each closed afterwards)."""
+    held: list[HeldStream] = []
+    try:
+        for _ in range(CAP):
+            held.append(open_stream(client))
+    finally:
+        for stream in reversed(held):
+            stream.close()
+
+
 def test_the_stream_past_the_cap_is_429_and_a_closed_one_frees_its_slot(
     capped_app: Flask,
 ) -> None:
-    alice = login(capped_app, "alice")
-    bob = login(capped_app, "bob")
+    alice = login_as(capped_app, "alice").client
+    bob = login_as(capped_app, "bob").client
     first = open_stream(alice)
     second = open_stream(alice)
     try:
@@ -107,13 +113,11 @@ def test_the_stream_past_the_cap_is_429_and_a_closed_one_frees_its_slot(
         finished = alice.post("/chatkit", json=create_request("words=2"))
         assert finished.status_code == 200
         assert b"thread.item.done" in finished.get_data()
-    held = [open_stream(alice) for _ in range(CAP)]
-    for response in reversed(held):
-        response.close()
+    assert_every_slot_free(alice)
 
 
 def test_streams_that_fail_before_any_byte_free_their_slot(capped_app: Flask) -> None:
-    alice = login(capped_app, "alice")
+    alice = login_as(capped_app, "alice").client
     for _ in range(CAP + 2):  # a 404 before the stream starts must not keep a slot
         response = alice.post(
             "/chatkit",
@@ -130,6 +134,4 @@ def test_streams_that_fail_before_any_byte_free_their_slot(capped_app: Flask) ->
         failed = alice.post("/chatkit", json=create_request("fail=1"))
         assert failed.status_code == 200
         assert b'"error"' in failed.get_data()
-    held = [open_stream(alice) for _ in range(CAP)]
-    for response in reversed(held):
-        response.close()
+    assert_every_slot_free(alice)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -24,12 +23,11 @@ from opentelemetry.util._once import Once
 
 from flask_chatkit import SQLAlchemyStore, signals
 from flask_chatkit.telemetry import TimedStore
-from flask_chatkit.testing import ChatKitClient
 from flask_chatkit.web.observe import ChatKitErrorEvent
 
 from .apps import ScriptedServer, create_test_app
 from .gunicorn import ROOT
-from .helpers import login_as, thread_id_of
+from .helpers import created_thread_id, login_as, sse_data, thread_id_of
 from .http_client import create_request, read_until_delta
 from .memory_store import MemoryStore
 from .signal_app import SpanningServer
@@ -92,20 +90,12 @@ def app(otel: Otel, store: MemoryStore, tmp_path: Any) -> Flask:
     return app
 
 
-def events_of(response: Any) -> list[dict[str, Any]]:
-    return [
-        json.loads(line[6:])
-        for line in response.get_data().split(b"\n")
-        if line.startswith(b"data: ")
-    ]
-
-
 def test_a_chat_turn_is_one_trace_with_the_users_spans_inside(
     client: FlaskClient, alice: Any, otel: Otel
 ) -> None:
     response = client.post("/chatkit", json=create_request("words=3"))
-    events = events_of(response)
-    thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
+    events = sse_data(response.get_data())
+    thread_id = created_thread_id(events)
     chatkit = otel.span("chatkit threads.create")
     server = next(s for s in otel.finished() if s.name == "POST /chatkit")
     assert server.kind == trace.SpanKind.SERVER
@@ -131,8 +121,7 @@ def test_owner_key_is_recorded_only_when_asked(
     app = create_test_app(
         store=store, instance_path=str(tmp_path / "i"), CHATKIT_OTEL_RECORD_OWNER=True
     )
-    client = app.test_client()
-    client.post("/login/alice")
+    client = login_as(app, "alice").client
     client.post("/chatkit", json={"type": "threads.list", "params": {}})
     span = otel.span("chatkit threads.list")
     assert dict(span.attributes or {})["chatkit.owner"] == "alice"
@@ -165,7 +154,7 @@ def test_a_failed_stream_marks_the_span_as_error(
     client: FlaskClient, alice: Any, otel: Otel
 ) -> None:
     response = client.post("/chatkit", json=create_request("fail=1"))
-    assert events_of(response)[-1]["type"] == "error"
+    assert sse_data(response.get_data())[-1]["type"] == "error"
     span = otel.span("chatkit threads.create")
     assert dict(span.attributes or {})["chatkit.outcome"] == "failed"
     assert span.status.status_code == StatusCode.ERROR
@@ -178,7 +167,7 @@ def test_a_failed_stream_marks_the_span_as_error(
 
 
 def test_stream_metrics(client: FlaskClient, alice: Any, otel: Otel, app: Flask) -> None:
-    finished = events_of(client.post("/chatkit", json=create_request("words=5")))
+    finished = sse_data(client.post("/chatkit", json=create_request("words=5")).get_data())
     response = client.post(
         "/chatkit", json=create_request("words=500 delay=0.01"), buffered=False
     )
@@ -246,11 +235,8 @@ def test_sql_store_is_timed_and_stays_the_apps_store(otel: Otel, tmp_path: Any) 
     state = app.extensions["chatkit"]
     assert isinstance(state.store, SQLAlchemyStore)  # what the CLI and Alembic work with
     assert isinstance(state.server.store, TimedStore) and state.server.store.inner is state.store
-    client = app.test_client()
-    client.post("/login/alice")
-    kit = ChatKitClient(client)
-    events = kit.create_thread("words=2")
-    thread_id = next(e.thread.id for e in events if e.type == "thread.created")
+    kit = login_as(app, "alice")
+    thread_id = created_thread_id(kit.create_thread("words=2"))
     kit.add_user_message(thread_id, "words=1")
     assert [item.type for item in kit.list_items(thread_id).data] == [
         "user_message", "assistant_message", "user_message", "assistant_message"]
@@ -297,7 +283,7 @@ def test_a_stream_error_raised_in_respond_is_a_failed_stream(
     try:
         client = login_as(app, "alice").client
         response = client.post("/chatkit", json=create_request(f"raise={kind}"))
-        events = events_of(response)
+        events = sse_data(response.get_data())
     finally:
         signals.stream_failed.disconnect(on_failed, app)
         signals.stream_finished.disconnect(on_finished, app)

@@ -6,7 +6,6 @@ Before: 100 threads retitled with 3.9 M characters each (200 every time) made on
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +16,7 @@ from flask.testing import FlaskClient
 from flask_chatkit.storage.sql import SQLAlchemyStore
 
 from .apps import create_test_app
+from .helpers import created_thread_id, login_as, sse_data
 from .http_client import create_request
 from .test_store import ALICE, T0, run, thread
 
@@ -31,20 +31,13 @@ def sql_client(tmp_path: Path) -> Iterator[FlaskClient]:
         instance_path=str(tmp_path / "instance"),
         CHATKIT_DATABASE_URL=f"sqlite:///{tmp_path / 'titles.sqlite3'}",
     )
-    client = app.test_client()
-    assert client.post("/login/alice").status_code == 200
-    yield client
+    yield login_as(app, "alice").client
 
 
 def new_thread(client: FlaskClient) -> str:
     response = client.post("/chatkit", json=create_request("hello"))
     assert response.status_code == 200
-    for line in response.get_data().split(b"\n"):
-        if line.startswith(b"data: "):
-            event = json.loads(line[6:])
-            if event["type"] == "thread.created":
-                return str(event["thread"]["id"])
-    raise AssertionError("no thread.created event")
+    return created_thread_id(sse_data(response.get_data()))
 
 
 def retitle(client: FlaskClient, thread_id: str, title: str) -> tuple[int, dict[str, object]]:

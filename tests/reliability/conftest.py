@@ -5,20 +5,23 @@ Everything talks to 127.0.0.1 only; every wait is bounded in time.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 
-from tests.http_client import create_request, logged_in_session
+from tests.gunicorn import RunningServer, start_gunicorn
+from tests.helpers import sse_data, thread_id_of
+from tests.http_client import add_message_request, create_request, logged_in_session
 from tests.http_client import user_input as user_input  # re-exported for the tests here
 from tests.pg import fresh_database
 
@@ -40,31 +43,33 @@ def shared_pg_url(pg_cluster: Any) -> Iterator[str]:
         yield url
 
 
+def serve(
+    tmp_path: Path, *, database_url: str | None = None, env: dict[str, str] | None = None,
+    **options: Any,
+) -> AbstractContextManager[RunningServer]:
+    """The reliability app under a real gunicorn (``start_gunicorn`` ``options``): on
+    the default SQLAlchemyStore at ``database_url`` when one is given, else on the
+    in-memory test store; ``env`` adds settings."""
+    settings = dict(env or {})
+    if database_url is not None:
+        settings.update(CHATKIT_TEST_STORE="sql", CHATKIT_DATABASE_URL=database_url)
+    return start_gunicorn(tmp_path, APP_SPEC, env=settings, **options)
+
+
 # -- requests-level helpers ---------------------------------------------------
 
 
-# The request builders and login are the integration tests' own (tests.http_client).
+# The request builders, login and SSE parsing are shared with the other tests
+# (tests.http_client, tests.helpers).
 login = logged_in_session
 create_payload = create_request
+add_message_payload = add_message_request
+sse_events = sse_data
 
 
-def sse_events(body: bytes) -> list[dict[str, Any]]:
-    """The JSON events of an SSE body (heartbeat comments and a torn tail skipped)."""
-    events = []
-    for block in body.split(b"\n\n"):
-        for line in block.split(b"\n"):
-            if line.startswith(b"data:"):
-                # ValueError: a block cut short by a dropped connection
-                with contextlib.suppress(ValueError):
-                    events.append(json.loads(line[5:].strip()))
-    return events
-
-
-def thread_id_of(events: list[dict[str, Any]]) -> str | None:
-    for event in events:
-        if event.get("type") == "thread.created":
-            return str(event["thread"]["id"])
-    return None
+def cookie_of(session: requests.Session) -> str:
+    """The ``Cookie`` header of a logged-in session, for raw-socket requests."""
+    return "session=" + session.cookies["session"]
 
 
 def delta_text(events: list[dict[str, Any]]) -> str:
@@ -79,15 +84,22 @@ def post(session: requests.Session, base_url: str, payload: dict[str, Any],
     return session.post(f"{base_url}{PREFIX}", json=payload, timeout=timeout)
 
 
-def create_thread(session: requests.Session, base_url: str, text: str,
-                  timeout: float = 30) -> tuple[str, list[dict[str, Any]]]:
-    response = post(session, base_url, create_payload(text), timeout)
+def stream(session: requests.Session, base_url: str, payload: dict[str, Any],
+           timeout: float = 30) -> list[dict[str, Any]]:
+    """The events of a streaming request that must succeed: 200, SSE, no error event."""
+    response = post(session, base_url, payload, timeout)
     assert response.status_code == 200, response.text[:500]
     assert response.headers["Content-Type"].startswith("text/event-stream")
-    events = sse_events(response.content)
+    events = sse_data(response.content)
+    assert not [e for e in events if e.get("type") == "error"], events
+    return events
+
+
+def create_thread(session: requests.Session, base_url: str, text: str,
+                  timeout: float = 30) -> tuple[str, list[dict[str, Any]]]:
+    events = stream(session, base_url, create_payload(text), timeout)
     thread_id = thread_id_of(events)
     assert thread_id, events
-    assert not [e for e in events if e.get("type") == "error"], events
     return thread_id, events
 
 
@@ -139,12 +151,17 @@ def loop_tasks(base_url: str) -> int:
 # -- /proc ---------------------------------------------------------------------
 
 
-def native_threads(pid: int) -> int:
+def proc_status(pid: int, key: str) -> int:
+    """A number of ``/proc/<pid>/status`` (``Threads``, ``VmRSS`` in kB, ...)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("Threads:"):
+            if line.startswith(f"{key}:"):
                 return int(line.split()[1])
-    raise AssertionError("no Threads: line")
+    raise AssertionError(f"no {key}: line")
+
+
+def native_threads(pid: int) -> int:
+    return proc_status(pid, "Threads")
 
 
 def open_fds(pid: int) -> int:

@@ -16,18 +16,18 @@ from pathlib import Path
 
 import pytest
 
-from tests.gunicorn import start_gunicorn
-
 from .conftest import (
-    APP_SPEC,
     StreamReader,
     abort,
+    cookie_of,
     create_payload,
     create_thread,
     item_text,
     login,
     observations,
+    proc_status,
     raw_request,
+    serve,
     store_items,
     wait_until,
 )
@@ -38,11 +38,7 @@ BIG_REPLY = "words=2000 pad=10000"  # 2,000 deltas of 10 kB: a 20 MB reply
 
 
 def rss(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS: line")
+    return proc_status(pid, "VmRSS") * 1024
 
 
 def open_non_reader(port: int, cookie: str, text: str) -> tuple[socket.socket, str]:
@@ -84,10 +80,10 @@ def assistant_texts(base_url: str, user: str, thread_id: str) -> list[str]:
 def test_non_reading_clients_hold_bounded_memory_and_are_cancelled_inside_chatkit(
     tmp_path: Path,
 ) -> None:
-    with start_gunicorn(tmp_path, APP_SPEC) as server, contextlib.ExitStack() as sockets:
+    with serve(tmp_path) as server, contextlib.ExitStack() as sockets:
         session = login(server.url, "idle")
         create_thread(session, server.url, "words=3 pad=10000")  # warm up
-        cookie = "session=" + session.cookies["session"]
+        cookie = cookie_of(session)
         (pid,) = server.worker_pids()
         baseline = rss(pid)
         # delay: respond awaits between words, as a model call would.
@@ -123,14 +119,14 @@ def test_non_reading_clients_hold_bounded_memory_and_are_cancelled_inside_chatki
 def test_finish_mode_resumes_a_paused_reply_after_disconnect_and_stores_it_whole(
     tmp_path: Path,
 ) -> None:
-    env = {"CHATKIT_ON_DISCONNECT": "finish"}
-    with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
+    with serve(tmp_path, env={"CHATKIT_ON_DISCONNECT": "finish"}) as server:
         session = login(server.url, "idle")
-        cookie = "session=" + session.cookies["session"]
         (pid,) = server.worker_pids()
         baseline = rss(pid)
         words = 600  # 6 MB: more than the socket buffers and the stream's own
-        sock, thread_id = open_non_reader(server.port, cookie, f"words={words} pad=10000")
+        sock, thread_id = open_non_reader(
+            server.port, cookie_of(session), f"words={words} pad=10000"
+        )
         try:
             growth = peak_growth(pid, baseline, 3.0, 30 * MIB)
             assert not assistant_texts(server.url, "idle", thread_id)  # paused, not done

@@ -27,12 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.gunicorn import RunningServer, start_gunicorn
+from tests.gunicorn import RunningServer
 
 from .conftest import (
-    APP_SPEC,
     StreamReader,
     abort,
+    cookie_of,
     create_payload,
     create_thread,
     item_text,
@@ -43,6 +43,7 @@ from .conftest import (
     observations,
     open_fds,
     raw_request,
+    serve,
     store_items,
     wait_until,
 )
@@ -91,7 +92,7 @@ def drop_after(port: int, cookies: dict[str, str], user: str, deltas: int, reset
 
 
 def storm(server: RunningServer, count: int, seed: int) -> list[Dropped]:
-    cookies = {u: "session=" + login(server.url, u).cookies["session"] for u in USERS}
+    cookies = {u: cookie_of(login(server.url, u)) for u in USERS}
     rng = random.Random(seed)
     plan = [(USERS[i % len(USERS)], rng.randint(1, 25), rng.random() < 0.75)
             for i in range(count)]
@@ -140,7 +141,7 @@ def settled(server: RunningServer, pid: int, baseline: dict[str, int]) -> bool:
 def test_disconnect_storm_persists_every_partial_reply_and_leaks_nothing(
     tmp_path: Path,
 ) -> None:
-    with start_gunicorn(tmp_path, APP_SPEC, env=SERVER_ENV) as server:
+    with serve(tmp_path, env=SERVER_ENV) as server:
         (pid,) = server.worker_pids()
         session = login(server.url, "storm-check")
         # Warm up every lazily created piece (loop, executor, store) with full
@@ -199,13 +200,12 @@ def test_clients_gone_before_the_first_byte_leave_nothing_behind(tmp_path: Path)
     yields ``thread.created``, and only then awaits the user message's write,
     outside ``respond`` where no ``handle_stream_cancelled`` runs.)
     """
-    env = {**SERVER_ENV, "CHATKIT_TEST_STORE": "sql",
-           "CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'early.sqlite3'}"}
-    with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
+    database_url = f"sqlite:///{tmp_path / 'early.sqlite3'}"
+    with serve(tmp_path, database_url=database_url, env=SERVER_ENV) as server:
         (pid,) = server.worker_pids()
         session = login(server.url, "early")
         create_thread(session, server.url, "words=3")
-        cookie = "session=" + session.cookies["session"]
+        cookie = cookie_of(session)
 
         def reset_burst(count: int) -> None:
             for _ in range(count):
@@ -251,8 +251,7 @@ def test_control_without_cancellation_the_storm_checks_fail(tmp_path: Path) -> N
     """Mutation check: with CHATKIT_ON_DISCONNECT=finish (no cancel), the storm's
     checks must flag every stream — proof that they detect a bridge that does
     not propagate cancellation."""
-    env = {**SERVER_ENV, "CHATKIT_ON_DISCONNECT": "finish"}
-    with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
+    with serve(tmp_path, env={**SERVER_ENV, "CHATKIT_ON_DISCONNECT": "finish"}) as server:
         dropped = storm(server, 20, seed=7)
         assert all(d.status == 200 and d.received and not d.finished for d in dropped)
         # The detached streams run to completion (3 s) and persist the whole reply.

@@ -20,21 +20,22 @@ import requests
 from sqlalchemy import exc as sa_exc
 
 from flask_chatkit import SQLAlchemyStore
-from flask_chatkit.testing import ChatKitClient, ChatKitHTTPError
+from flask_chatkit.testing import ChatKitHTTPError
 from tests.apps import create_test_app
-from tests.gunicorn import start_gunicorn
+from tests.helpers import login_as, thread_id_of
 
 from .conftest import (
-    APP_SPEC,
+    add_message_payload,
     create_payload,
     create_thread,
     list_items,
     list_threads,
     login,
     post,
+    serve,
     sse_events,
     store_items,
-    user_input,
+    stream,
 )
 
 FAST = 6.0  # seconds: "fails fast" (the engine's connect timeout is 5 s)
@@ -57,8 +58,7 @@ def assert_503(response: requests.Response) -> None:
 @pytest.mark.timeout(240)
 def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -> None:
     cluster = private_pg_cluster
-    env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": cluster.url}
-    with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
+    with serve(tmp_path, database_url=cluster.url) as server:
         url = server.url
         session = login(url, "pg-user")
         existing, _ = create_thread(session, url, "words=3")
@@ -84,9 +84,9 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
                 outcomes.append((status, took, response.text[:300]))
                 if status == 200 and payload["type"] == "threads.create":
                     events = sse_events(response.content)
-                    created = [e["thread"]["id"] for e in events if e["type"] == "thread.created"]
+                    created = thread_id_of(events)
                     if created and any(e["type"] == "error" for e in events):
-                        told_then_failed.update(created)
+                        told_then_failed.add(created)
                 if status != 200:
                     time.sleep(0.05)
 
@@ -106,8 +106,7 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
                 {"type": "threads.get_by_id", "params": {"thread_id": existing}},
                 {"type": "items.list", "params": {"thread_id": existing}},
                 create_payload("words=2"),
-                {"type": "threads.add_user_message",
-                 "params": {"thread_id": existing, "input": user_input("words=2")}},
+                add_message_payload(existing, "words=2"),
             ]
             for _ in range(2):
                 for payload in probes:
@@ -126,10 +125,7 @@ def test_postgres_stopped_mid_traffic(tmp_path: Path, private_pg_cluster: Any) -
             assert status == 200, (n, response.text[:300])
         recovered = len(outcomes)
         thread_id, _ = create_thread(session, url, "words=3")
-        response = post(session, url, {"type": "threads.add_user_message", "params": {
-            "thread_id": existing, "input": user_input("words=2")}})
-        assert response.status_code == 200
-        assert not [e for e in sse_events(response.content) if e.get("type") == "error"]
+        stream(session, url, add_message_payload(existing, "words=2"))
         time.sleep(1)
         stop_traffic.set()
         for worker in workers:
@@ -185,10 +181,9 @@ def test_outage_between_thread_and_user_message_keeps_only_threads_the_client_wa
     """
     store = _DropsAfterSaveThread(f"sqlite:///{tmp_path / 'drop.sqlite3'}")
     app = create_test_app(store=store, instance_path=str(tmp_path / "instance"))
-    client = app.test_client()
-    assert client.post("/login/ada").status_code == 200
-    kit = ChatKitClient(client)
-    (first,) = [e.thread.id for e in kit.create_thread("words=2") if e.type == "thread.created"]
+    kit = login_as(app, "ada")
+    first = thread_id_of(kit.create_thread("words=2"))
+    assert first
     store.fail_next_item = True
     told = [first]
     try:
@@ -198,7 +193,8 @@ def test_outage_between_thread_and_user_message_keeps_only_threads_the_client_wa
     else:  # ...a 200 stream that ends in an error event is the other
         assert events and events[-1].type == "error", [e.type for e in events]
         assert not [e for e in events if e.type == "thread.item.done"]
-        told += [e.thread.id for e in events if e.type == "thread.created"]
+        if (created := thread_id_of(events)) is not None:
+            told.append(created)
     assert store.fail_next_item is False, "the fault never fired: nothing was tested"
     assert sorted(t.id for t in kit.list_threads().data) == sorted(told)
     assert [i.type for i in kit.list_items(first).data][:1] == ["user_message"]

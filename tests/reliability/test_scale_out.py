@@ -15,25 +15,22 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.gunicorn import start_gunicorn
-
 from .conftest import (
-    APP_SPEC,
+    add_message_payload,
     create_thread,
     list_items,
     list_threads,
     login,
     post,
-    sse_events,
-    user_input,
+    serve,
+    stream,
 )
 
 
 @pytest.mark.timeout(180)
 def test_two_servers_one_postgres(tmp_path: Path, shared_pg_url: str) -> None:
-    env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": shared_pg_url}
-    with start_gunicorn(tmp_path, APP_SPEC, env=env) as a, \
-            start_gunicorn(tmp_path, APP_SPEC, env=env) as b:
+    with serve(tmp_path, database_url=shared_pg_url) as a, \
+            serve(tmp_path, database_url=shared_pg_url) as b:
         assert a.port != b.port
         # One login on A; requests sends the cookie to both ports of 127.0.0.1.
         session = login(a.url, "ada")
@@ -49,10 +46,7 @@ def test_two_servers_one_postgres(tmp_path: Path, shared_pg_url: str) -> None:
         assert [i["type"] for i in list_items(session, b.url, thread_id)] == [
             "user_message", "assistant_message"]
         # continued on B and seen on A,
-        response = post(session, b.url, {"type": "threads.add_user_message", "params": {
-            "thread_id": thread_id, "input": user_input("words=4")}})
-        assert response.status_code == 200
-        assert not [e for e in sse_events(response.content) if e.get("type") == "error"]
+        stream(session, b.url, add_message_payload(thread_id, "words=4"))
         items = list_items(session, a.url, thread_id)
         assert [i["type"] for i in items] == [
             "user_message", "assistant_message", "user_message", "assistant_message"]

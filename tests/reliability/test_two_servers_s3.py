@@ -11,22 +11,25 @@ from __future__ import annotations
 
 import os
 import threading
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.gunicorn import start_gunicorn
+from tests.gunicorn import RunningServer
 from tests.s3 import S3Server
 
 from .conftest import (
-    APP_SPEC,
     create_thread,
     list_items,
     list_threads,
     login,
     post,
+    serve,
     sse_events,
+    stream,
+    thread_id_of,
     user_input,
 )
 
@@ -51,19 +54,16 @@ def test_upload_on_a_send_on_b_preview_on_a_delete_on_b(
 ) -> None:
     roots = {name: machine(tmp_path, name) for name in ("a", "b")}
 
-    def env(name: str) -> dict[str, str]:
+    def on(name: str) -> AbstractContextManager[RunningServer]:
         root = roots[name]
-        return {
+        return serve(root, database_url=shared_pg_url, env={
             **s3_server.env,
-            "CHATKIT_TEST_STORE": "sql",
-            "CHATKIT_DATABASE_URL": shared_pg_url,
             "CHATKIT_ATTACHMENTS_URL": f"s3://{s3_bucket}/shared",
             "CHATKIT_TEST_INSTANCE_PATH": str(root / "instance"),
             "TMPDIR": str(root / "tmp"),
-        }
+        })
 
-    with start_gunicorn(roots["a"], APP_SPEC, env=env("a")) as a, \
-            start_gunicorn(roots["b"], APP_SPEC, env=env("b")) as b:
+    with on("a") as a, on("b") as b:
         ada = login(a.url, "ada")
         png = b"\x89PNG\r\n\x1a\n" + os.urandom(3 * 1024 * 1024)
 
@@ -82,12 +82,10 @@ def test_upload_on_a_send_on_b_preview_on_a_delete_on_b(
         presigned_id = created.json()["id"]
 
         # Send the message through B.
-        response = post(ada, b.url, {"type": "threads.create", "params": {
+        events = stream(ada, b.url, {"type": "threads.create", "params": {
             "input": user_input("words=2", [direct_id, presigned_id])}})
-        assert response.status_code == 200, response.text
-        events = sse_events(response.content)
-        assert not [e for e in events if e.get("type") == "error"], events
-        thread_id = next(e["thread"]["id"] for e in events if e["type"] == "thread.created")
+        thread_id = thread_id_of(events)
+        assert thread_id
 
         # Preview through A: owner-checked there, then the bucket.
         for attachment_id in (direct_id, presigned_id):
@@ -136,10 +134,10 @@ def test_upload_on_a_send_on_b_preview_on_a_delete_on_b(
                         churn_errors.append(response.text)
 
         worker = threading.Thread(target=churn)
-        stream = ada.post(f"{a.url}/chatkit", json={"type": "threads.create", "params": {
+        flowing = ada.post(f"{a.url}/chatkit", json={"type": "threads.create", "params": {
             "input": user_input("words=40 delay=0.02")}}, stream=True, timeout=60)
         worker.start()
-        streamed = sse_events(stream.content)
+        streamed = sse_events(flowing.content)
         worker.join(timeout=60)
         assert not churn_errors
         deltas = [e for e in streamed if e.get("type") == "thread.item.updated"]

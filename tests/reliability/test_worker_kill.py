@@ -18,11 +18,10 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.gunicorn import start_gunicorn
-
 from .conftest import (
-    APP_SPEC,
     StreamReader,
+    add_message_payload,
+    cookie_of,
     create_payload,
     create_thread,
     list_items,
@@ -30,6 +29,7 @@ from .conftest import (
     login,
     post,
     raw_request,
+    serve,
     wait_until,
 )
 
@@ -44,8 +44,7 @@ def _serving(url: str) -> bool:
 @pytest.mark.timeout(120)
 def test_sigkill_mid_stream_on_sqlite(tmp_path: Path) -> None:
     db = tmp_path / "kill.sqlite3"
-    env = {"CHATKIT_TEST_STORE": "sql", "CHATKIT_DATABASE_URL": f"sqlite:///{db}"}
-    with start_gunicorn(tmp_path, APP_SPEC, env=env) as server:
+    with serve(tmp_path, database_url=f"sqlite:///{db}") as server:
         session = login(server.url, "killer")
         done = [create_thread(session, server.url, f"words={n}")[0] for n in range(1, 6)]
         before = {t: list_items(session, server.url, t) for t in done}
@@ -53,8 +52,8 @@ def test_sigkill_mid_stream_on_sqlite(tmp_path: Path) -> None:
                    for items in before.values())
 
         (old_pid,) = server.worker_pids()
-        cookie = "session=" + session.cookies["session"]
-        sock = raw_request(server.port, cookie, create_payload("words=200 delay=0.05"), timeout=20)
+        payload = create_payload("words=200 delay=0.05")
+        sock = raw_request(server.port, cookie_of(session), payload, timeout=20)
         reader = StreamReader(sock)
         assert reader.read_headers() == 200
         while reader.deltas().count(" ") < 5:
@@ -94,10 +93,7 @@ def test_sigkill_mid_stream_on_sqlite(tmp_path: Path) -> None:
         assert items[0]["content"][0]["text"] == "words=200 delay=0.05"
         # New requests work, including continuing the interrupted thread.
         create_thread(session, server.url, "words=3")
-        response = post(session, server.url, {"type": "threads.add_user_message", "params": {
-            "thread_id": killed_thread, "input": {
-                "content": [{"type": "input_text", "text": "words=2"}],
-                "attachments": [], "inference_options": {}}}})
+        response = post(session, server.url, add_message_payload(killed_thread, "words=2"))
         assert response.status_code == 200, response.text
         ids = {t["id"] for t in list_threads(session, server.url)}
         assert set(done) | {killed_thread} <= ids and len(ids) == 7
