@@ -32,7 +32,7 @@ from tests.gunicorn import start_gunicorn
 
 APP_SPEC = "bench.checkpoints:checkpoint_app()"
 HEADERS = ["database", "checkpoints", "streams ok", "CPU ms / stream", "writes / s",
-           "checkpoint writes", "run s"]
+           "checkpoint writes", "checkpoint transactions", "run s"]
 _WRITES = ("save_thread", "add_thread_item", "save_item", "save_checkpoint")
 
 
@@ -44,6 +44,7 @@ def checkpoint_app() -> Any:
     from flask_chatkit import ChatKit, SQLAlchemyStore
 
     counts = dict.fromkeys(_WRITES, 0)
+    batches = {"save_checkpoints": 0}
 
     class CountingStore(SQLAlchemyStore):
         async def save_thread(self, *args: Any, **kwargs: Any) -> None:
@@ -58,9 +59,10 @@ def checkpoint_app() -> Any:
             counts["save_item"] += 1
             await super().save_item(*args, **kwargs)
 
-        async def save_checkpoint(self, *args: Any, **kwargs: Any) -> None:
-            counts["save_checkpoint"] += 1
-            await super().save_checkpoint(*args, **kwargs)
+        async def save_checkpoints(self, rows: Any) -> None:
+            counts["save_checkpoint"] += len(rows)  # rows written
+            batches["save_checkpoints"] += 1  # transactions: all streams' rows at a tick
+            await super().save_checkpoints(rows)
 
     # Tables are made on first use (CHATKIT_CREATE_TABLES), as in the integration tests.
     store = CountingStore(os.environ["BENCH_DATABASE_URL"])
@@ -77,7 +79,7 @@ def checkpoint_app() -> Any:
 
     @app.get("/_bench/writes")
     def writes() -> Any:
-        return jsonify(counts)
+        return jsonify({**counts, **batches})
 
     return app
 
@@ -113,11 +115,12 @@ def measure(database: str, url: str, seconds: float, streams: int, words: int,
         took = time.monotonic() - started
         cpu, after = _cpu_seconds(pid) - cpu, _writes(server.url)
     done = [r for r in results if r.done and r.error is None]
-    writes = sum(after.values()) - sum(before.values())
+    writes = sum(after[k] - before[k] for k in _WRITES)
     checkpoints = after["save_checkpoint"] - before["save_checkpoint"]
+    transactions = after["save_checkpoints"] - before["save_checkpoints"]
     label = f"every {seconds:g} s" if seconds else "off"
     return [database, label, f"{len(done)}/{streams}", round(cpu / streams * 1000, 2),
-            round(writes / took, 1), checkpoints, round(took, 1)]
+            round(writes / took, 1), checkpoints, transactions, round(took, 1)]
 
 
 @contextmanager

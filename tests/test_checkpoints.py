@@ -78,32 +78,36 @@ async def _save_item_clears(sql_store: SQLAlchemyStore) -> None:
     assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "replaced"
 
 
-def test_checkpoints_arriving_together_share_one_write(sql_store: SQLAlchemyStore) -> None:
-    """50 streams' checkpoints at once: a few INSERT statements, each row there on return."""
+def test_many_checkpoints_are_one_statement_and_each_row_is_there(sql_store: SQLAlchemyStore) -> None:
+    """save_checkpoints: 50 replies in one INSERT .. ON CONFLICT; rows of other owners apart."""
     inserts: list[bool] = []
 
     def count(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO CHATKIT_ITEMS"):
             inserts.append(many)
 
-    async def main() -> None:
-        async def save_and_read(n: int) -> str:
-            await sql_store.save_checkpoint(f"thr_{n}", reply(f"text {n}", thread_id=f"thr_{n}"), CTX)
-            return (await sql_store.load_item(f"thr_{n}", "msg_1", CTX)).content[0].text
+    bob = RequestContext(user_id="bob")
+    rows: list[tuple[str, Any, Any]] = [
+        (f"thr_{n}", reply(f"text {n}", thread_id=f"thr_{n}"), CTX) for n in range(50)
+    ]
+    rows.append(("thr_0", reply("bob's", thread_id="thr_0"), bob))
 
-        texts = await asyncio.gather(*(save_and_read(n) for n in range(50)))
+    async def main() -> None:
+        await sql_store.save_checkpoints(rows)
+        texts = [(await sql_store.load_item(f"thr_{n}", "msg_1", CTX)).content[0].text
+                 for n in range(50)]
         assert texts == [f"text {n}" for n in range(50)]
+        assert (await sql_store.load_item("thr_0", "msg_1", bob)).content[0].text == "bob's"
 
     sa_event.listen(sql_store.engine, "before_cursor_execute", count)
     try:
         asyncio.run(main())
     finally:
         sa_event.remove(sql_store.engine, "before_cursor_execute", count)
-    # One write per checkpoint would be 50 statements (and 50 transactions).
-    assert 1 <= len(inserts) <= 5, inserts
+    assert inserts == [True], inserts  # one executemany, not 51 statements
 
 
-def test_a_failed_checkpoint_write_fails_each_of_its_rows_and_the_next_one_works(
+def test_a_failed_checkpoint_write_stores_none_of_its_rows(
     sql_store: SQLAlchemyStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     real = sql_store._save_checkpoints
@@ -112,23 +116,97 @@ def test_a_failed_checkpoint_write_fails_each_of_its_rows_and_the_next_one_works
     def fail_first(rows: Any) -> None:
         calls.append(len(rows))
         if len(calls) == 1:
-            raise sa_exc.OperationalError("INSERT", {}, Exception("database is locked"))
+            raise sa_exc.OperationalError("INSERT", {}, Exception("disk I/O error"))
         real(rows)
 
     monkeypatch.setattr(sql_store, "_save_checkpoints", fail_first)
+    rows = [("thr_1", reply("w0 ", item_id=f"msg_{n}"), CTX) for n in range(10)]
 
     async def main() -> None:
-        saves = [sql_store.save_checkpoint("thr_1", reply("w0 ", item_id=f"msg_{n}"), CTX)
-                 for n in range(10)]
-        outcomes = await asyncio.gather(*saves, return_exceptions=True)
-        assert all(isinstance(o, sa_exc.OperationalError) for o in outcomes), outcomes
+        with pytest.raises(sa_exc.OperationalError):
+            await sql_store.save_checkpoints(rows)
         page = await sql_store.load_thread_items("thr_1", None, 20, "asc", CTX)
-        assert page.data == []  # a failed write stored none of its rows
+        assert page.data == []
         await sql_store.save_checkpoint("thr_1", reply("w0 w1 "), CTX)
         assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "w0 w1 "
 
     asyncio.run(main())
     assert calls == [10, 1]
+
+
+class _RecordingCheckpoints:
+    """A store's save_checkpoints that records each call and can be held or failed."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+        self.release.set()
+        self.fail: Exception | None = None
+
+    async def save_checkpoints(self, rows: Any) -> None:
+        self.calls.append([item.content[0].text for _, item, _ in rows])
+        self.called.set()
+        await self.release.wait()
+        if self.fail is not None:
+            raise self.fail
+
+
+def _tracked_streams(count: int) -> list[Any]:
+    from chatkit.types import ThreadItemAddedEvent
+
+    from flask_chatkit.web.endpoint import _Checkpoints
+
+    streams = []
+    for n in range(count):
+        stream = _Checkpoints(server=None, context=CTX)  # type: ignore[arg-type]
+        stream.track(ThreadItemAddedEvent(item=reply(f"reply {n}", item_id=f"msg_{n}")))
+        streams.append(stream)
+    return streams
+
+
+def test_every_stream_of_a_worker_is_checkpointed_in_one_write_per_tick() -> None:
+    from flask_chatkit.web.endpoint import _Ticker
+
+    async def main() -> None:
+        store = _RecordingCheckpoints()
+        ticker = _Ticker(store, interval=0.05)
+        streams = _tracked_streams(50)
+        for stream in streams:
+            ticker.add(stream)
+        await asyncio.wait_for(store.called.wait(), 5)
+        assert [sorted(call) for call in store.calls] == [sorted(f"reply {n}" for n in range(50))]
+        await asyncio.sleep(0.2)  # more ticks: nothing changed, nothing written
+        assert len(store.calls) == 1
+        assert all(s.saved == {f"msg_{n}"} for n, s in enumerate(streams))
+
+        # The store is behind: ticks while a write runs are skipped, then catch up.
+        store.called.clear()
+        store.release.clear()
+        streams[3].pending["msg_3"].content[0].text = "reply 3, longer"
+        streams[3].changed.add("msg_3")
+        await asyncio.wait_for(store.called.wait(), 5)
+        streams[4].changed.add("msg_4")
+        await asyncio.sleep(0.2)  # four ticks while the write is held
+        assert store.calls[1:] == [["reply 3, longer"]]
+        store.called.clear()
+        store.release.set()
+        await asyncio.wait_for(store.called.wait(), 5)
+        assert store.calls[2:] == [["reply 4"]]
+
+        # A failed write reaches each stream of it (they end at their next event).
+        store.called.clear()
+        store.fail = RuntimeError("database is down")
+        for n in (5, 6):
+            streams[n].changed.add(f"msg_{n}")
+        await asyncio.wait_for(store.called.wait(), 5)
+        await asyncio.sleep(0)  # the write's outcome reaches the streams
+        assert [type(s.failed) for s in streams[5:7]] == [RuntimeError, RuntimeError]
+        assert streams[7].failed is None
+        for stream in streams:
+            ticker.discard(stream)
+
+    asyncio.run(main())
 
 
 def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
@@ -149,7 +227,7 @@ def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
             raise NotImplementedError  # only the SDK's update helpers are used
 
     server = Server(store=None)  # type: ignore[arg-type]
-    tracker = _Checkpoints(server, CTX, interval=3600)
+    tracker = _Checkpoints(server, CTX)
     reference: dict[str, Any] = {}
     first = reply("")
     events: list[Any] = [ThreadItemAddedEvent(item=first)]
@@ -273,11 +351,11 @@ class FailingCheckpoints(SQLAlchemyStore):
 
     checkpoints = 0
 
-    async def save_checkpoint(self, thread_id: str, item: Any, context: Any) -> None:
+    async def save_checkpoints(self, rows: Any) -> None:
         self.checkpoints += 1
         if self.checkpoints > 2:
             raise sa_exc.OperationalError("INSERT", {}, ConnectionError("server closed"))
-        await super().save_checkpoint(thread_id, item, context)
+        await super().save_checkpoints(rows)
 
 
 def test_a_failing_checkpoint_ends_the_stream_with_an_error(tmp_path: Path) -> None:

@@ -43,7 +43,6 @@ import logging
 import os
 import secrets
 import time
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Sequence
 from datetime import datetime, timezone
@@ -473,49 +472,6 @@ def _run_then_settle(
     settle_from_thread(job[0], job[1], outcome)
 
 
-class _CheckpointBatch:
-    """The checkpoints of one event loop's streams, written together.
-
-    A worker with a thousand replies streaming takes hundreds of checkpoints a
-    second. One write each costs a transaction and two thread hand-offs per row;
-    here every checkpoint that arrives while a write is in flight waits for the
-    next one, which stores them all in one transaction with one statement. Each
-    caller's await returns when the write holding its row has committed, and
-    fails with that write's error.
-    """
-
-    def __init__(self, store: SQLAlchemyStore) -> None:
-        self._store = store
-        self._waiting: list[tuple[tuple[str, str, ThreadItem], asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
-
-    async def write(self, row: tuple[str, str, ThreadItem]) -> None:
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting.append((row, future))
-        if self._writer is None:
-            self._writer = asyncio.ensure_future(self._write_all())
-        await future
-
-    async def _write_all(self) -> None:
-        try:
-            while self._waiting:
-                batch, self._waiting = self._waiting, []
-                try:
-                    await self._store._run(self._store._save_checkpoints, [r for r, _ in batch])
-                except BaseException as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if not isinstance(exc, Exception):
-                        raise
-                else:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_result(None)
-        finally:
-            self._writer = None
-
-
 def default_owner(context: Any) -> str:
     """The default owner key: ``context.user_id``."""
     key: str = getattr(context, "user_id")  # noqa: B009 - any context with a user_id
@@ -564,10 +520,6 @@ class SQLAlchemyStore(Store[Any]):
         self._fresh_thread_ids: OrderedDict[str, None] = OrderedDict()
         # (owner, thread, item) of item inserts whose caller was cancelled mid-write.
         self._cancelled_adds: OrderedDict[tuple[str, str, str], None] = OrderedDict()
-        # Per event loop: the checkpoints waiting for the next write.
-        self._checkpoint_batches: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, _CheckpointBatch
-        ] = weakref.WeakKeyDictionary()
         self._sqlite = self.dialect == "sqlite"
         self._memory = self._sqlite and is_sqlite_memory(self.engine.url)
         self._start_workers()
@@ -969,24 +921,22 @@ class SQLAlchemyStore(Store[Any]):
     async def save_checkpoint(self, thread_id: str, item: ThreadItem, context: Any) -> None:
         """Save a reply still streaming: the item so far, marked as a checkpoint.
 
-        Not part of chatkit's Store. The Flask view calls it every
-        ``CHATKIT_CHECKPOINT_SECONDS`` while a reply streams, so a worker killed
-        mid-reply leaves the text up to the last checkpoint. Inserts the row, or
-        updates an earlier checkpoint of it; a final row (already added) is kept.
-        The reply's final ``add_thread_item`` (or ``save_item``) replaces the
-        checkpoint, under the same id. Checkpoints of many streams that arrive
-        together are written in one transaction (see :class:`_CheckpointBatch`);
-        each await returns once its own row is committed.
+        Not part of chatkit's Store. Inserts the row, or updates an earlier
+        checkpoint of it; a final row (already added) is kept. The reply's final
+        ``add_thread_item`` (or ``save_item``) replaces the checkpoint, under the
+        same id.
         """
-        row = (self.owner_key(context), thread_id, item)
-        if not _loop_running():
-            await self._run(self._save_checkpoints, [row])
-            return
-        loop = asyncio.get_running_loop()
-        batch = self._checkpoint_batches.get(loop)
-        if batch is None:
-            batch = self._checkpoint_batches[loop] = _CheckpointBatch(self)
-        await batch.write(row)
+        await self.save_checkpoints([(thread_id, item, context)])
+
+    async def save_checkpoints(self, rows: Sequence[tuple[str, ThreadItem, Any]]) -> None:
+        """:meth:`save_checkpoint` for many ``(thread_id, item, context)`` rows at once:
+        one transaction, one statement. The Flask view calls it every
+        ``CHATKIT_CHECKPOINT_SECONDS`` with the replies of all streams of a worker,
+        so a worker killed mid-reply leaves the text up to the last checkpoint.
+        """
+        owned = [(self.owner_key(context), thread_id, item) for thread_id, item, context in rows]
+        if owned:
+            await self._run(self._save_checkpoints, owned)
 
     async def load_item(self, thread_id: str, item_id: str, context: Any) -> ThreadItem:
         owner = self.owner_key(context)

@@ -27,7 +27,7 @@ the raw body again (building a ``TypeAdapter`` per call). With an overridden
 stream iterates ChatKit's events here (:func:`checkpointed_stream`) and every that
 many seconds saves the assistant message being streamed, so a worker killed
 mid-reply leaves the text so far under the item id the client saw. With an
-overridden ``process()`` (or a store without ``save_checkpoint``) there are none.
+overridden ``process()`` (or a store without ``save_checkpoints``) there are none.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ import contextlib
 import contextvars
 import logging
 import re
-import time
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterable, Awaitable, Callable
 from typing import Any
@@ -460,7 +459,7 @@ def checkpoints_possible(server: ChatKitServer[Any]) -> bool:
     """Whether a stream of ``server`` can be checkpointed.
 
     The SDK's own ``process()`` and ``_process_streaming`` (its events are iterated
-    here instead), and a store with ``save_checkpoint`` (``SQLAlchemyStore``): a
+    here instead), and a store with ``save_checkpoints`` (``SQLAlchemyStore``): a
     checkpoint row must be one the reply's final ``add_thread_item`` replaces, which
     the plain ``Store`` contract does not promise.
     """
@@ -470,7 +469,7 @@ def checkpoints_possible(server: ChatKitServer[Any]) -> bool:
         and uses_sdk_process(server)
         and cls._process_streaming is ChatKitServer._process_streaming
         and callable(getattr(server, "_update_pending_items", None))
-        and callable(getattr(server.store, "save_checkpoint", None))
+        and callable(getattr(server.store, "save_checkpoints", None))
     )
 
 
@@ -479,20 +478,19 @@ _SHARED_CONTENT_UPDATES = (AssistantMessageContentPartAdded, AssistantMessageCon
 
 
 class _Checkpoints:
-    """The assistant messages a stream has in flight, and their checkpoint writes."""
+    """The assistant messages one stream has in flight (written by a :class:`_Ticker`)."""
 
-    __slots__ = ("changed", "context", "deltas", "due", "interval", "pending", "saved", "server")
+    __slots__ = ("changed", "context", "deltas", "failed", "pending", "saved", "server")
 
-    def __init__(self, server: ChatKitServer[Any], context: Any, interval: float) -> None:
+    def __init__(self, server: ChatKitServer[Any], context: Any) -> None:
         self.server = server
         self.context = context
-        self.interval = interval
-        self.due = time.monotonic() + interval
+        self.failed: BaseException | None = None  # why a checkpoint could not be written
         # Our own copies (the SDK keeps its own), updated by the SDK's own code.
         self.pending: dict[str, Any] = {}
         # Text deltas not yet applied to ``pending``: (item id, content index, delta).
         # Most events of a reply are deltas, so they are only collected here and
-        # applied, joined, when a checkpoint is due or another update needs them.
+        # applied, joined, when a checkpoint is taken or another update needs them.
         self.deltas: list[tuple[str, int, str]] = []
         self.changed: set[str] = set()  # ids with text not yet checkpointed
         self.saved: set[str] = set()  # ids with a checkpoint row
@@ -548,27 +546,35 @@ class _Checkpoints:
         if self.deltas:
             self.deltas = [d for d in self.deltas if d[0] != item_id]
 
-    def due_now(self) -> bool:
-        return bool(self.changed) and time.monotonic() >= self.due
-
-    async def save(self, only_saved: bool = False) -> BaseException | None:
-        """Checkpoint the changed items (``only_saved``: those with a row already).
-
-        Returns the store's error, if a write failed. A cancel (a disconnect, a
-        stopping worker) arriving mid-write is held until the write has landed, so
-        ChatKit's own final save in ``handle_stream_cancelled`` comes after it, and
-        is then re-aimed at ChatKit's next await (raised here, ChatKit's
-        cancellation handling would never run).
-        """
+    def take_changed(self) -> list[Any]:
+        """The changed items with text, brought up to date, for a checkpoint."""
         self._apply_deltas()
-        ids = [i for i in self.changed if not only_saved or i in self.saved]
-        items = [self.pending[i] for i in ids if _has_text(self.pending[i])]
+        items = [self.pending[i] for i in self.changed if _has_text(self.pending[i])]
         self.changed.clear()
-        self.due = time.monotonic() + self.interval
+        return items
+
+    def written(self, items: list[Any], failed: BaseException | None) -> None:
+        if failed is not None:
+            self.failed = failed
+            return
+        # Rows of items whose final save came meanwhile are final rows now.
+        self.saved.update(item.id for item in items if item.id in self.pending)
+
+    async def save_last(self, store: Any) -> BaseException | None:
+        """After a reply ended without ChatKit's final save (an error): bring its
+        checkpoints up to date, awaited. Returns the store's error, if any.
+
+        A cancel arriving mid-write is held until the write has landed, then
+        re-aimed at the task (the stream is over: nothing else is left to run).
+        """
+        if not (self.saved and self.changed):
+            return None
+        self.changed.intersection_update(self.saved)
+        items = self.take_changed()
         if not items:
             return None
-        # No copies needed: the items are ours and change only between writes.
-        write = asyncio.ensure_future(self._write(items))
+        rows = [(item.thread_id, item, self.context) for item in items]
+        write = asyncio.ensure_future(store.save_checkpoints(rows))
         try:
             await asyncio.shield(write)
         except asyncio.CancelledError:
@@ -580,17 +586,88 @@ class _Checkpoints:
             return None
         except Exception as exc:
             return exc
-        self.saved.update(item.id for item in items)
         return None
-
-    async def _write(self, items: list[Any]) -> None:
-        save_checkpoint = getattr(self.server.store, "save_checkpoint")  # noqa: B009 (not in Store)
-        for item in items:
-            await save_checkpoint(item.thread_id, item, self.context)
 
 
 def _has_text(item: Any) -> bool:
     return any(getattr(part, "text", "").strip() for part in item.content)
+
+
+class _Ticker:
+    """Checkpoints every stream of one loop and store at the same ticks, in one write.
+
+    At each multiple of ``interval`` on the loop's clock, the changed replies of
+    all its streams go to the store in one ``save_checkpoints`` call: one task,
+    one transaction and one statement for the worker, not one per stream (at a
+    thousand streams that was most of what checkpoints cost). Two ticks are
+    ``interval`` apart, so no more than ``interval`` of a reply is unsaved while
+    the store keeps up. A write still running at the next tick means it does not:
+    that tick is skipped and its text waits for the next (the store is given
+    room instead of a queue). A failed write is handed to each of its streams,
+    which end at their next event.
+
+    The items are written as they are (no copies): only this loop changes them,
+    and pydantic serializes one item without releasing the GIL, so the store's
+    thread sees a consistent item, if anything a newer one.
+    """
+
+    def __init__(self, store: Any, interval: float) -> None:
+        self.store = store
+        self.interval = interval
+        self.streams: set[_Checkpoints] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._writing: asyncio.Task[None] | None = None
+
+    def add(self, stream: _Checkpoints) -> None:
+        self.streams.add(stream)
+        if self._timer is None:
+            self._schedule()
+
+    def discard(self, stream: _Checkpoints) -> None:
+        self.streams.discard(stream)
+
+    def _schedule(self) -> None:
+        loop = asyncio.get_running_loop()
+        at = (loop.time() // self.interval + 1) * self.interval
+        self._timer = loop.call_at(at, self._tick)
+
+    def _tick(self) -> None:
+        self._timer = None
+        if not self.streams:
+            return  # restarted by the next stream
+        self._schedule()
+        if self._writing is not None:
+            return
+        batch = [(stream, stream.take_changed()) for stream in self.streams if stream.changed]
+        batch = [(stream, items) for stream, items in batch if items]
+        if batch:
+            self._writing = asyncio.ensure_future(self._write(batch))
+
+    async def _write(self, batch: list[tuple[_Checkpoints, list[Any]]]) -> None:
+        rows = [(item.thread_id, item, stream.context) for stream, items in batch for item in items]
+        failed: BaseException | None = None
+        try:
+            await self.store.save_checkpoints(rows)
+        except Exception as exc:
+            failed = exc
+        finally:
+            self._writing = None
+        for stream, items in batch:
+            stream.written(items, failed)
+
+
+# loop -> (store id, interval) -> its ticker
+_TICKERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple[int, float], _Ticker]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _ticker(store: Any, interval: float) -> _Ticker:
+    tickers = _TICKERS.setdefault(asyncio.get_running_loop(), {})
+    ticker = tickers.get((id(store), interval))
+    if ticker is None or ticker.store is not store:
+        ticker = tickers[(id(store), interval)] = _Ticker(store, interval)
+    return ticker
 
 
 async def checkpointed_stream(
@@ -598,38 +675,41 @@ async def checkpointed_stream(
 ) -> AsyncGenerator[bytes, None]:
     """The SDK's ``_process_streaming``, saving the reply every ``interval`` seconds.
 
-    Same bytes, logging and cancellation as the SDK's. Between two events, once
-    ``interval`` has passed since the last checkpoint and the text changed, the
-    assistant message in flight is saved (``store.save_checkpoint``, awaited:
-    one write per interval per stream, never per event). When that write fails,
-    the store is down and nothing more of the reply could be kept: ChatKit's
-    stream is closed and an error event ends the response at once, instead of
+    Same bytes, logging and cancellation as the SDK's. At each tick of
+    ``interval`` whose text changed, the assistant message in flight is saved
+    (:class:`_Ticker`: one write per tick for all streams, never per event),
+    while the reply streams on. When that write fails, the
+    store is down and nothing more of the reply could be kept: at the next event
+    ChatKit's stream is closed and an error event ends the response, instead of
     streaming text that would be lost. A reply ChatKit ended with an error has
-    its checkpoint brought up to date once more (its final save).
+    its checkpoint brought up to date once more (its final save, awaited).
     """
-    checkpoints = _Checkpoints(server, context, interval)
+    checkpoints = _Checkpoints(server, context)
+    ticker = _ticker(server.store, interval)
+    ticker.add(checkpoints)
     events = server._process_streaming_impl(request, context)
     try:
         async for event in events:
             yield b"data: " + server._serialize(event) + b"\n\n"
             checkpoints.track(event)
-            if checkpoints.due_now():
-                failed = await checkpoints.save()
-                if failed is not None:
-                    await _close_quietly(events.aclose())
-                    logger.warning("ChatKit reply checkpoint failed; ending the stream: %s", failed)
-                    error = ErrorEvent(code=ErrorCode.STREAM_ERROR, allow_retry=True)
-                    yield b"data: " + server._serialize(error) + b"\n\n"
-                    return
+            if checkpoints.failed is not None:
+                await _close_quietly(events.aclose())
+                logger.warning(
+                    "ChatKit reply checkpoint failed; ending the stream: %s", checkpoints.failed
+                )
+                error = ErrorEvent(code=ErrorCode.STREAM_ERROR, allow_retry=True)
+                yield b"data: " + server._serialize(error) + b"\n\n"
+                return
     except asyncio.CancelledError:
         raise  # as the SDK: cancellation is not an error
     except Exception:
         sdk_logger.exception("Error while generating streamed response")
         raise
-    if checkpoints.saved and checkpoints.changed:  # ended without a final save (an error)
-        failed = await checkpoints.save(only_saved=True)
-        if failed is not None:
-            logger.warning("ChatKit reply checkpoint failed at the end of a stream: %s", failed)
+    finally:
+        ticker.discard(checkpoints)
+    failed = await checkpoints.save_last(server.store)  # ended without ChatKit's final save
+    if failed is not None:
+        logger.warning("ChatKit reply checkpoint failed at the end of a stream: %s", failed)
 
 
 async def _close_quietly(closing: Awaitable[None]) -> None:
