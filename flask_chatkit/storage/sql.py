@@ -23,7 +23,7 @@ never stalls the loop; driven with no loop running, right where it is called.
   set: a late save of the unlinked copy must not undo the SDK's link.
   A claim expires (see :data:`CLAIM_STALE_SECONDS`), and ``deleted`` marks a
   tombstone: a row whose thread is gone but whose bytes may still be stored.
-* **Checkpoints** of a reply being streamed (``save_checkpoint``) are item rows whose
+* **Checkpoints** of a reply being streamed (``save_checkpoints``) are item rows whose
   payload carries ``CHECKPOINT_FLAG`` (ChatKit's models ignore the extra key, so a
   checkpoint reads as the item so far). The reply's final ``add_thread_item`` of the
   same owner, thread and id replaces such a row instead of raising
@@ -147,7 +147,7 @@ def attachment_adapter() -> TypeAdapter[Attachment]:
     return TypeAdapter(Attachment)
 
 
-# Marks an item row as a checkpoint of a reply still streaming (see save_checkpoint).
+# Marks an item row as a checkpoint of a reply still streaming (see save_checkpoints).
 # In the payload, not a column: no schema change, and ChatKit's models drop the key.
 CHECKPOINT_FLAG = "_flask_chatkit_checkpoint"
 
