@@ -28,7 +28,8 @@ test_one() {
     echo "test-min: $("$venv/bin/python" --version) ($python), lower bounds:" \
         $(tr '\n' ' ' < "$venv/lower-bounds.txt")
     # (the docs build needs the docs tools, which this venv leaves out)
-    "$venv/bin/python" -m pytest -q -p no:cacheprovider -m "not integration and not browser and not docs"
+    "$venv/bin/python" -m pytest -q -p no:cacheprovider -n "${PYTEST_WORKERS:-2}" \
+        -m "not integration and not browser and not docs"
     # and one real `gunicorn -k gevent` chat: the lowest gunicorn and gevent serving a stream.
     "$venv/bin/python" -m pytest -q -p no:cacheprovider \
         tests/test_readme.py::test_quickstart_under_gunicorn_gevent
