@@ -209,6 +209,30 @@ def test_every_stream_of_a_worker_is_checkpointed_in_one_write_per_tick() -> Non
     asyncio.run(main())
 
 
+def test_a_reply_ending_in_an_error_waits_for_the_ticks_write_then_saves_its_newest_text() -> None:
+    """The last save must not race the tick's write of the same row (older text last)."""
+    from flask_chatkit.web.endpoint import _Ticker
+
+    async def main() -> None:
+        store = _RecordingCheckpoints()
+        store.release.clear()  # the tick's write is held
+        ticker = _Ticker(store, interval=0.05)
+        (stream,) = _tracked_streams(1)
+        ticker.add(stream)
+        await asyncio.wait_for(store.called.wait(), 5)
+        stream.pending["msg_0"].content[0].text = "reply 0 and more"
+        stream.changed.add("msg_0")
+        ticker.discard(stream)  # the reply ended with an error: no final save by ChatKit
+        saving = asyncio.ensure_future(stream.save_last(store))
+        await asyncio.sleep(0.1)
+        assert not saving.done() and len(store.calls) == 1  # waits for the tick's write
+        store.release.set()
+        assert await asyncio.wait_for(saving, 5) is None
+        assert store.calls == [["reply 0"], ["reply 0 and more"]]
+
+    asyncio.run(main())
+
+
 def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
     """The tracker joins deltas lazily; its item must equal the SDK's, update by update."""
     from chatkit.server import ChatKitServer

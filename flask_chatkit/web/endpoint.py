@@ -480,12 +480,15 @@ _SHARED_CONTENT_UPDATES = (AssistantMessageContentPartAdded, AssistantMessageCon
 class _Checkpoints:
     """The assistant messages one stream has in flight (written by a :class:`_Ticker`)."""
 
-    __slots__ = ("changed", "context", "deltas", "failed", "pending", "saved", "server")
+    __slots__ = (
+        "changed", "context", "deltas", "failed", "pending", "saved", "server", "writing",
+    )  # fmt: skip
 
     def __init__(self, server: ChatKitServer[Any], context: Any) -> None:
         self.server = server
         self.context = context
         self.failed: BaseException | None = None  # why a checkpoint could not be written
+        self.writing: asyncio.Future[None] | None = None  # the ticker's write with our rows
         # Our own copies (the SDK keeps its own), updated by the SDK's own code.
         self.pending: dict[str, Any] = {}
         # Text deltas not yet applied to ``pending``: (item id, content index, delta).
@@ -554,6 +557,7 @@ class _Checkpoints:
         return items
 
     def written(self, items: list[Any], failed: BaseException | None) -> None:
+        self.writing = None
         if failed is not None:
             self.failed = failed
             return
@@ -564,9 +568,14 @@ class _Checkpoints:
         """After a reply ended without ChatKit's final save (an error): bring its
         checkpoints up to date, awaited. Returns the store's error, if any.
 
-        A cancel arriving mid-write is held until the write has landed, then
+        A tick's write still holding our rows is waited for first: it knows which
+        rows exist, and landing after this newer text it would overwrite it. A
+        cancel arriving mid-write is held until the write has landed, then
         re-aimed at the task (the stream is over: nothing else is left to run).
         """
+        if self.writing is not None:
+            with contextlib.suppress(BaseException):  # its outcome reaches written()
+                await asyncio.wait({self.writing})  # the store's own timeouts bound it
         if not (self.saved and self.changed):
             return None
         self.changed.intersection_update(self.saved)
@@ -642,6 +651,8 @@ class _Ticker:
         batch = [(stream, items) for stream, items in batch if items]
         if batch:
             self._writing = asyncio.ensure_future(self._write(batch))
+            for stream, _ in batch:
+                stream.writing = self._writing
 
     async def _write(self, batch: list[tuple[_Checkpoints, list[Any]]]) -> None:
         rows = [(item.thread_id, item, stream.context) for stream, items in batch for item in items]
