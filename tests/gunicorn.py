@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -35,9 +36,33 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 30.
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.5):
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             time.sleep(0.05)
     raise TimeoutError(f"gunicorn did not listen on {port} within {timeout}s")
+
+
+def wait_until_serving(port: int, proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """Wait for one HTTP answer, whatever its status.
+
+    The master listens before it forks, and a worker imports the app only after the
+    fork: ~2.5 s on an idle machine, four times that on a loaded one. A worker calls
+    ``accept`` only once its app is loaded, so one answer means the first request a
+    test sends is served by a worker that is ready, and the test's own timeouts
+    measure the server, not its boot. A master that exits meanwhile (the app failed
+    to load) is left for the test to see."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=deadline - time.monotonic())
+        try:
+            conn.request("GET", "/__test_harness_ready__")
+            conn.getresponse().read()
+            return
+        except (OSError, http.client.HTTPException):
+            time.sleep(0.05)
+        finally:
+            conn.close()
+    if proc.poll() is None:
+        raise TimeoutError(f"gunicorn on {port} did not answer HTTP within {timeout}s")
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
@@ -143,6 +168,7 @@ def start_gunicorn(
         deadline = time.monotonic() + 30
         while len(server.worker_pids()) < workers and time.monotonic() < deadline:
             time.sleep(0.05)
+        wait_until_serving(port, proc)
         yield server
     finally:
         stop_process(proc)
