@@ -1,10 +1,16 @@
 """The per-process asyncio loop that runs ChatKit for synchronous WSGI code.
 
-One asyncio event loop per worker process runs forever on a native OS thread
-(never a greenlet). Request handlers hand coroutines to it and wait on a
-*channel* that wakes exactly the waiting greenlet (gevent) or thread (sync,
-gthread, dev server), so a worker serves many streams at once. What comes back
-is an :class:`Outcome`: the coroutine's value or the exception it raised.
+One asyncio event loop per worker process runs forever: under a gevent worker as
+a greenlet on the hub's own thread (:mod:`.hub_loop`), elsewhere (sync, gthread,
+the dev server) on a native OS thread. Request handlers hand coroutines to it
+and wait on a *channel* that wakes exactly the waiting greenlet or thread, so a
+worker serves many streams at once. What comes back is an :class:`Outcome`: the
+coroutine's value or the exception it raised.
+
+``FLASK_CHATKIT_LOOP=thread`` in the environment puts the loop on a native thread
+under gevent too: for a ``respond`` that makes native blocking calls (a C
+extension that never yields to gevent), which would otherwise stall the hub and
+every request of the worker, not only the streams.
 
 :func:`run_inline` is the other way to run a coroutine: on the caller's own
 greenlet or thread, with no loop at all, for coroutines that never wait on one
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import contextvars
 import logging
 import os
@@ -32,10 +39,19 @@ import gevent
 from gevent.hub import Waiter
 
 from .hub import attach_hub
-from .native import NativeThreadPool, gevent_patched, native_lock, start_native_thread
+from .hub_loop import HubLoop
+from .native import (
+    NativeThreadPool,
+    gevent_patched,
+    native_lock,
+    native_thread_id,
+    start_native_thread,
+)
 
 T = TypeVar("T")
 logger = logging.getLogger("flask_chatkit")
+
+LOOP_ENV = "FLASK_CHATKIT_LOOP"  # "thread": a native loop thread under gevent too
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +119,11 @@ class ThreadChannel:
 
 
 class GeventChannel:
-    """For greenlets: the producer wakes the consumer's hub thread-safely.
+    """For greenlets: the producer wakes the consumer's hub, thread-safely if need be.
 
-    ``run_callback_threadsafe`` is the one gevent call that is safe from a
-    foreign OS thread; the callback switches straight to the waiting greenlet
+    From the hub's own thread (the loop as a greenlet there) a plain
+    ``run_callback`` does; ``run_callback_threadsafe`` is the one gevent call that
+    is safe from a foreign OS thread; the callback switches straight to the waiting greenlet
     through a ``Waiter`` (an ``Event`` would add its link notification and a
     second hub callback to every wake-up). No lock: ``deque.append``/``popleft``
     are atomic, and the consumer clears ``_wakeup_scheduled`` *before* draining,
@@ -117,6 +134,7 @@ class GeventChannel:
     def __init__(self) -> None:
         hub = gevent.get_hub()
         self._hub_loop = hub.loop
+        self._hub_thread = hub.thread_ident
         self._waiter: Waiter[Any] = Waiter(hub)
         self._items: collections.deque[Any] = collections.deque()
         self._wakeup_scheduled = False
@@ -125,7 +143,10 @@ class GeventChannel:
         self._items.append(item)
         if not self._wakeup_scheduled:
             self._wakeup_scheduled = True
-            self._hub_loop.run_callback_threadsafe(self._waiter.switch, None)
+            if native_thread_id() == self._hub_thread:  # the loop runs on this hub
+                self._hub_loop.run_callback(self._waiter.switch, None)
+            else:
+                self._hub_loop.run_callback_threadsafe(self._waiter.switch, None)
 
     def get_batch(self, timeout: float | None) -> list[Any] | object:
         while True:
@@ -192,7 +213,11 @@ class OpenStreams:
 
 
 class LoopThread:
-    """A long-lived asyncio loop on a native thread, re-created after ``fork``."""
+    """The process's long-lived asyncio loop, started on first use and again after ``fork``.
+
+    A greenlet on the gevent hub's thread under gevent (unless ``FLASK_CHATKIT_LOOP``
+    says ``thread``), a native thread otherwise; callers see the same interface.
+    """
 
     def __init__(self, executor_workers: int = 16) -> None:
         self.executor_workers = executor_workers
@@ -201,6 +226,7 @@ class LoopThread:
         self._pid: int | None = None
         self._open_streams = OpenStreams()
         self._start_hooks: list[Callable[[asyncio.AbstractEventLoop], None]] = []
+        self._hub_loop: HubLoop | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -227,6 +253,18 @@ class LoopThread:
         self._start_hooks.append(hook)
 
     def _start(self) -> asyncio.AbstractEventLoop:
+        self._open_streams = OpenStreams()  # a forked child starts with none
+        self._hub_loop = None
+        if gevent_patched() and os.environ.get(LOOP_ENV, "hub") != "thread":
+            self._hub_loop = HubLoop(self.executor_workers)
+            loop: asyncio.AbstractEventLoop = self._hub_loop.loop
+        else:
+            loop = self._start_on_native_thread()
+        for hook in self._start_hooks:
+            hook(loop)
+        return loop
+
+    def _start_on_native_thread(self) -> asyncio.AbstractEventLoop:
         # gevent replaces the default selector with one that would block this
         # native thread on the hub: ask for the unpatched one.
         selector_cls: Any = selectors.DefaultSelector
@@ -248,17 +286,32 @@ class LoopThread:
             asyncio.set_event_loop(loop)
             loop.run_forever()
 
-        self._open_streams = OpenStreams()  # a forked child starts with none
         start_native_thread(run)
-        for hook in self._start_hooks:
-            hook(loop)
         return loop
+
+    @property
+    def on_hub(self) -> bool:
+        """Whether this process's loop is a greenlet on the gevent hub's thread."""
+        return self._hub_loop is not None and self._pid == os.getpid()
 
     def shutdown(self, timeout: float = 10.0) -> int:
         """Cancel every running task and wait (bounded) for them; returns how many."""
         loop = self._loop
         if loop is None or self._pid != os.getpid() or loop.is_closed():
             return 0
+        if self._hub_loop is not None:  # this thread runs the loop: wait as a greenlet
+            tasks: list[asyncio.Task[Any]] = []
+
+            async def cancel_and_wait() -> None:
+                tasks.extend(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
+                for task in tasks:
+                    task.cancel()
+                if tasks:
+                    await asyncio.wait(tasks, timeout=timeout)
+
+            with contextlib.suppress(TimeoutError):
+                self.run(cancel_and_wait, contextvars.copy_context(), timeout=timeout + 1)
+            return len(tasks)
         finished = native_lock()
         finished.acquire()
         cancelled: list[asyncio.Task[Any]] = []
@@ -278,7 +331,13 @@ class LoopThread:
         return len(cancelled)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any, context: contextvars.Context) -> None:
-        self.loop.call_soon_threadsafe(fn, *args, context=context)
+        """Run ``fn(*args)`` on the loop soon; safe from any thread or greenlet."""
+        loop = self.loop
+        hub_loop = self._hub_loop
+        if hub_loop is not None:
+            hub_loop.call_soon(fn, *args, context=context)
+        else:
+            loop.call_soon_threadsafe(fn, *args, context=context)
 
     def run(
         self,

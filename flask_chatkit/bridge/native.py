@@ -56,10 +56,20 @@ def start_native_thread(target: Callable[[], None]) -> None:
     _original("_thread", "start_new_thread")(target, ())
 
 
+_get_ident: tuple[bool, Callable[[], int]] | None = None  # (patched when found, get_ident)
+
+
 def native_thread_id() -> int:
-    """The OS thread's id (gevent's patched ``get_ident`` names the greenlet instead)."""
-    ident: int = _original("_thread", "get_ident")()
-    return ident
+    """The OS thread's id (gevent's patched ``get_ident`` names the greenlet instead).
+
+    On the hot path of every hand-over to the loop: the original function is looked
+    up once (again if gevent patches the process afterwards).
+    """
+    global _get_ident
+    patched = gevent_patched()
+    if _get_ident is None or _get_ident[0] != patched:
+        _get_ident = (patched, _original("_thread", "get_ident"))
+    return _get_ident[1]()
 
 
 def native_lock() -> Any:

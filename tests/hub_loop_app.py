@@ -1,0 +1,82 @@
+"""``gunicorn 'tests.hub_loop_app:gunicorn_app()'``: where the loop runs, and what views see.
+
+``spin=S`` in a message makes ``respond`` send "spinning", spin on
+``await asyncio.sleep(0)`` for S seconds (the loop always has a callback ready
+meanwhile), then send "spun".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import os
+import time
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from chatkit.types import (
+    AssistantMessageContent,
+    ThreadItemAddedEvent,
+    ThreadItemDoneEvent,
+    UserMessageItem,
+)
+from flask import Flask, jsonify
+
+from flask_chatkit.bridge.native import native_thread_id
+
+from .apps import create_test_app
+from .word_server import WordServer, empty_reply, message_options, text_delta
+
+
+class SpinningServer(WordServer):
+    async def respond(self, thread: Any, input: UserMessageItem | None, context: Any) -> Any:
+        spin = float(message_options(input).get("spin", 0))
+        if not spin:
+            async for event in super().respond(thread, input, context):
+                yield event
+            return
+        item = empty_reply(self, thread, context)
+        yield ThreadItemAddedEvent(item=item)
+        yield text_delta(item.id, "spinning ")
+        until = time.monotonic() + spin
+        while time.monotonic() < until:
+            await asyncio.sleep(0)  # always a callback ready: the loop never waits
+        yield text_delta(item.id, "spun")
+        item.content = [AssistantMessageContent(text="spinning spun")]
+        yield ThreadItemDoneEvent(item=item)
+
+
+async def _answer() -> int:
+    await asyncio.sleep(0.001)
+    return 42
+
+
+def gunicorn_app() -> Flask:
+    # The built-in SQLAlchemyStore (CHATKIT_DATABASE_URL): its reads answer inline.
+    url = os.environ["CHATKIT_DATABASE_URL"]
+    app = create_test_app(server_cls=SpinningServer, CHATKIT_DATABASE_URL=url)
+
+    @app.get("/_test/loop")
+    def loop_thread() -> Any:
+        state = app.extensions["chatkit"]
+
+        async def where() -> int:
+            return native_thread_id()
+
+        loop_id = state.loop_thread.run(where, contextvars.copy_context(), timeout=30)
+        return jsonify(same_thread=loop_id == native_thread_id())
+
+    @app.get("/_test/views")
+    def views() -> Any:
+        running = asyncio._get_running_loop()
+        return jsonify(
+            running_loop=running is not None,
+            asyncio_run=asyncio.run(_answer()),
+            async_to_sync=async_to_sync(_answer)(),
+        )
+
+    @app.get("/_test/ping")
+    def ping() -> Any:
+        return jsonify(ok=True)
+
+    return app

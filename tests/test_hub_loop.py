@@ -1,0 +1,100 @@
+"""The loop as a greenlet on the gevent hub (bridge/hub_loop.py), under a real gunicorn.
+
+Under ``-k gevent`` the worker's asyncio loop runs on the hub's own thread unless
+``FLASK_CHATKIT_LOOP=thread``; either way streams work, views see no running loop,
+and a loop that always has work ready still lets every other request run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from .gunicorn import start_gunicorn
+from .http_client import cookie_header, create_request, logged_in_session, raw_stream_request
+
+APP = "tests.hub_loop_app:gunicorn_app()"
+
+
+def database(tmp_path: Path) -> dict[str, str]:
+    return {"CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'chatkit.sqlite3'}"}
+
+
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 30) -> bytes:
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < deadline, seen[-300:]
+        chunk = sock.recv(65536)
+        assert chunk, seen[-300:]
+        seen += chunk
+    return seen
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(("loop_env", "on_hub"), [(None, True), ("thread", False)])
+def test_where_the_loop_runs_and_streams_in_both(
+    tmp_path: Path, loop_env: str | None, on_hub: bool
+) -> None:
+    env = database(tmp_path) | ({"FLASK_CHATKIT_LOOP": loop_env} if loop_env else {})
+    with start_gunicorn(tmp_path, APP, env=env) as server:
+        where = requests.get(f"{server.url}/_test/loop", timeout=30)
+        assert where.json() == {"same_thread": on_hub}
+        alice = logged_in_session(server.url, "alice")
+        reply = alice.post(f"{server.url}/chatkit", json=create_request("words=5"), timeout=30)
+        assert reply.status_code == 200
+        assert reply.text.count("text_delta") == 5 and "thread.item.done" in reply.text
+        assert "Traceback" not in server.log()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_views_see_no_running_loop_while_streams_run(tmp_path: Path) -> None:
+    with start_gunicorn(tmp_path, APP, env=database(tmp_path)) as server:
+        alice = logged_in_session(server.url, "alice")
+        socks = [
+            raw_stream_request(
+                server.url, cookie_header(alice), create_request("words=40 delay=0.1")
+            )
+            for _ in range(5)
+        ]
+        try:
+            for sock in socks:
+                read_until(sock, b"text_delta")  # every stream is open on the loop now
+            views = requests.get(f"{server.url}/_test/views", timeout=30)
+            assert views.status_code == 200, views.text
+            assert views.json() == {"running_loop": False, "asyncio_run": 42, "async_to_sync": 42}
+            # A store read answered on the request's greenlet (no loop running there).
+            listed = alice.post(
+                f"{server.url}/chatkit", json={"type": "threads.list", "params": {}}, timeout=30
+            )
+            assert listed.status_code == 200 and len(listed.json()["data"]) == 5
+        finally:
+            for sock in socks:
+                sock.close()
+        assert "Traceback" not in server.log()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_loop_always_busy_still_lets_other_requests_run(tmp_path: Path) -> None:
+    with start_gunicorn(tmp_path, APP, env=database(tmp_path)) as server:
+        alice = logged_in_session(server.url, "alice")
+        sock = raw_stream_request(server.url, cookie_header(alice), create_request("spin=20"))
+        try:
+            # Sent just before respond starts spinning: the hub wrote it meanwhile.
+            seen = read_until(sock, b"spinning")
+            ping = requests.get(f"{server.url}/_test/ping", timeout=30)
+            assert ping.json() == {"ok": True}
+            sock.settimeout(0.05)
+            with contextlib.suppress(TimeoutError):
+                seen += sock.recv(65536)
+            assert b"spun" not in seen  # both answered while the loop still spun
+        finally:
+            sock.close()
