@@ -2,7 +2,8 @@
 
 ``spin=S`` in a message makes ``respond`` send "spinning", spin on
 ``await asyncio.sleep(0)`` for S seconds (the loop always has a callback ready
-meanwhile), then send "spun".
+meanwhile), then send "spun". ``fetch=HOST:PORT`` makes ``respond`` fetch
+``/_test/ping`` there over an asyncio socket and send the body as its one delta.
 """
 
 from __future__ import annotations
@@ -30,7 +31,20 @@ from .word_server import WordServer, empty_reply, message_options, text_delta
 
 class SpinningServer(WordServer):
     async def respond(self, thread: Any, input: UserMessageItem | None, context: Any) -> Any:
-        spin = float(message_options(input).get("spin", 0))
+        options = message_options(input)
+        if options.get("fetch"):  # asyncio socket I/O on the loop: GET /_test/ping here
+            host, _, port = options["fetch"].partition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"GET /_test/ping HTTP/1.0\r\nHost: test\r\n\r\n")
+            await writer.drain()
+            answer = await reader.read()
+            writer.close()
+            await writer.wait_closed()
+            item = empty_reply(self, thread, context)
+            yield ThreadItemAddedEvent(item=item)
+            yield text_delta(item.id, answer.split(b"\r\n\r\n", 1)[1].decode().strip())
+            return
+        spin = float(options.get("spin", 0))
         if not spin:
             async for event in super().respond(thread, input, context):
                 yield event

@@ -50,6 +50,16 @@ def test_where_the_loop_runs_and_streams_in_both(
         reply = alice.post(f"{server.url}/chatkit", json=create_request("words=5"), timeout=30)
         assert reply.status_code == 200
         assert reply.text.count("text_delta") == 5 and "thread.item.done" in reply.text
+        # asyncio sockets on the loop (what an AsyncOpenAI client does), served by this
+        # very worker: the loop waits on the socket while the hub answers the GET.
+        for _ in range(3):
+            fetched = alice.post(
+                f"{server.url}/chatkit",
+                json=create_request(f"fetch=127.0.0.1:{server.port}"),
+                timeout=30,
+            )
+            assert fetched.status_code == 200
+            assert '"delta":"{\\"ok\\":true}"' in fetched.text, fetched.text[-500:]
         assert "Traceback" not in server.log()
 
 

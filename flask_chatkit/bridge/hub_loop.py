@@ -31,11 +31,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import selectors
 from collections.abc import Callable
 from typing import Any
 
 import gevent
-from gevent.selectors import GeventSelector
+from gevent.hub import Waiter
 
 from .hub import attach_hub
 from .native import NativeThreadPool, native_thread_id
@@ -43,26 +44,119 @@ from .native import NativeThreadPool, native_thread_id
 __all__ = ["HubLoop", "HubSelector"]
 
 
-class HubSelector(GeventSelector):  # type: ignore[misc]  # gevent ships no types
-    """gevent's selector, waited on by an asyncio loop that runs in a greenlet."""
+_EV_READ, _EV_WRITE = 1, 2  # libev's flags, as gevent's io watchers take them
+
+
+class HubSelector(selectors._BaseSelectorImpl):
+    """A selector for an asyncio loop that runs in a greenlet of the gevent hub.
+
+    Each registered file has a gevent io watcher; waiting is one ``Waiter`` that the
+    watchers, a timer or :meth:`wake` switch back to. gevent's own selector does the
+    same with an ``Event`` and a ``Timeout`` per wait and (re)starts its watchers on
+    every call, which cost several per cent of a stream's CPU here.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.loop: asyncio.AbstractEventLoop | None = None
+        self._hub = gevent.get_hub()
+        self._watchers: dict[int, Any] = {}
+        self._ready: dict[int, int] = {}  # fd -> selectors.EVENT_* seen since the last select
+        self._fired: list[int] = []  # fds whose watcher stopped when it fired
+        self._waiter: Waiter[Any] | None = None  # set while the loop greenlet waits
+        self._woken = False
 
-    def select(self, timeout: float | None = None) -> Any:
-        asyncio._set_running_loop(None)  # departure 1
+    def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
+        key = super().register(fileobj, events, data)
+        flags = (_EV_READ if events & selectors.EVENT_READ else 0) | (
+            _EV_WRITE if events & selectors.EVENT_WRITE else 0
+        )
         try:
-            # With callbacks ready asyncio polls with a timeout of 0; gevent's
-            # selector still yields to the hub then, so a loop that always has work
-            # ready lets every request greenlet run too.
-            return super().select(timeout)
-        finally:
-            asyncio._set_running_loop(self.loop)
+            watcher = self._hub.loop.io(key.fd, flags)
+        except OSError as exc:
+            super().unregister(fileobj)
+            raise ValueError(f"invalid file descriptor {key.fd}") from exc
+        watcher.start(self._on_io, key.fd, pass_events=True)
+        self._watchers[key.fd] = watcher
+        return key
+
+    def unregister(self, fileobj: Any) -> selectors.SelectorKey:
+        key = super().unregister(fileobj)
+        watcher = self._watchers.pop(key.fd)
+        watcher.stop()
+        watcher.close()
+        self._ready.pop(key.fd, None)
+        return key
+
+    def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.stop()
+            watcher.close()
+        self._watchers.clear()
+        super().close()
+
+    def _on_io(self, events: int, fd: int) -> None:  # in the hub
+        mask = (selectors.EVENT_READ if events & _EV_READ else 0) | (
+            selectors.EVENT_WRITE if events & _EV_WRITE else 0
+        )
+        self._ready[fd] = self._ready.get(fd, 0) | mask
+        # Stopped until the loop has seen it (restarted by the next select): a file
+        # that stays ready must not spin the hub while the loop greenlet is busy.
+        self._watchers[fd].stop()
+        self._fired.append(fd)
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            waiter.switch(None)
 
     def wake(self) -> None:
         """End the loop's current wait (from a greenlet of the hub's thread only)."""
-        self._ready.set()
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            self._hub.loop.run_callback(waiter.switch, None)
+        else:
+            self._woken = True  # the loop runs: its next select must not wait
+
+    def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
+        asyncio._set_running_loop(None)  # departure 1
+        try:
+            for fd in self._fired:
+                watcher = self._watchers.get(fd)  # None: unregistered meanwhile
+                if watcher is not None and not watcher.active:
+                    watcher.start(self._on_io, fd, pass_events=True)
+            self._fired.clear()
+            if self._ready or self._woken or (timeout is not None and timeout <= 0):
+                # Work is ready: still let the hub run everything else once, so a
+                # loop that always has callbacks ready never starves a request.
+                gevent.sleep(0)
+            else:
+                self._wait(timeout)
+            self._woken = False
+            ready = []
+            keys = self.get_map()
+            for fd, mask in self._ready.items():
+                key = keys.get(fd)
+                if key is not None and mask & key.events:
+                    ready.append((key, mask & key.events))
+            self._ready.clear()
+            return ready
+        finally:
+            asyncio._set_running_loop(self.loop)
+
+    def _wait(self, timeout: float | None) -> None:
+        waiter: Waiter[Any] = Waiter(self._hub)
+        self._waiter = waiter
+        timer = None
+        if timeout is not None:
+            timer = self._hub.loop.timer(timeout)
+            timer.start(waiter.switch, None)
+        try:
+            waiter.get()
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.close()
 
 
 class HubLoop:

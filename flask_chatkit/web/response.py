@@ -46,7 +46,13 @@ class ContextKeepingBody:
         self._request_ctx = _cv_request.get()
         # One more push of each: the view's own pops are then not the last ones.
         self._app_ctx.push()
-        self._request_ctx.push()
+        # Without its URL adapter for this push: a push matches the URL again, and
+        # the request already holds the match (url_rule, view_args) of the first.
+        adapter, self._request_ctx.url_adapter = self._request_ctx.url_adapter, None
+        try:
+            self._request_ctx.push()
+        finally:
+            self._request_ctx.url_adapter = adapter
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
