@@ -111,6 +111,8 @@ def flask_app() -> Any:
 
     app = Flask("bench_flask_chatkit")
     app.config.update(CHATKIT_CREATE_TABLES=False, **ONE_USER_LOAD)
+    if os.environ.get("CHATKIT_LOOP"):  # experiments: "thread" puts the loop on its own thread
+        app.config["CHATKIT_LOOP"] = os.environ["CHATKIT_LOOP"]
     if os.environ.get("BENCH_CHECKPOINT_SECONDS"):  # experiments: checkpoints off or apart
         app.config["CHATKIT_CHECKPOINT_SECONDS"] = float(os.environ["BENCH_CHECKPOINT_SECONDS"])
     chatkit = ChatKit(app, BenchServer, store=make_store())

@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "CHATKIT_BODY_TIMEOUT": 30.0,  # seconds to receive a JSON request body; then 408
     "CHATKIT_MAX_STREAMS_PER_USER": 20,  # open streams per user (owner key) and worker; then 429
     "CHATKIT_CHECKPOINT_SECONDS": 2.0,  # a streaming reply's text is saved this often; 0: off
+    "CHATKIT_LOOP": "hub",  # under gevent: the loop as a greenlet on the hub, or "thread"
 }
 
 
@@ -70,6 +71,7 @@ class Settings:
     body_timeout: float = 30.0
     max_streams_per_user: int = 20
     checkpoint_seconds: float = 2.0  # 0.0: replies are saved only when they end
+    loop: Literal["hub", "thread"] = "hub"
 
 
 def _positive(name: str, value: Any, kind: type = int) -> Any:
@@ -103,6 +105,9 @@ def read_settings(app: Flask) -> Settings:
         raise ValueError(
             f"CHATKIT_ON_DISCONNECT must be 'cancel' or 'finish', got {on_disconnect!r}"
         )
+    loop = c["CHATKIT_LOOP"]
+    if loop not in ("hub", "thread"):
+        raise ValueError(f"CHATKIT_LOOP must be 'hub' or 'thread', got {loop!r}")
     origins = c["CHATKIT_ALLOWED_ORIGINS"]
     if isinstance(origins, str):
         origins = [o for o in origins.replace(",", " ").split() if o]
@@ -148,4 +153,5 @@ def read_settings(app: Flask) -> Settings:
         checkpoint_seconds=_not_negative(
             "CHATKIT_CHECKPOINT_SECONDS", c["CHATKIT_CHECKPOINT_SECONDS"]
         ),
+        loop=loop,
     )

@@ -81,6 +81,9 @@ class ChatKit:
         - ``CHATKIT_ON_DISCONNECT``: ``"cancel"`` (default) or ``"finish"`` a gone client's reply.
         - ``CHATKIT_CANCEL_TIMEOUT``: seconds a cancelled reply gets to save (10).
         - ``CHATKIT_CHECKPOINT_SECONDS``: save a streaming reply this often (2; 0 = off).
+        - ``CHATKIT_LOOP``: under gevent, the asyncio loop as a greenlet on the hub
+          (``"hub"``) or on a native thread (``"thread"``); one loop per process, so
+          ``"thread"`` from any app of the process wins.
         - ``CHATKIT_CREATE_TABLES``: create the store's tables on first use (``True``).
         - ``CHATKIT_ATTACHMENTS_DIR``: attachment files on disk (``instance/chatkit-attachments``).
         - ``CHATKIT_ATTACHMENTS_URL``: ``s3://bucket/prefix`` for S3 instead of disk.
@@ -98,6 +101,8 @@ class ChatKit:
         self._check_server_cls()
         settings = read_settings(app)
         _LIFECYCLE.watch(settings.cancel_timeout)
+        if settings.loop == "thread":
+            _LOOP_THREAD.prefer_native_thread()
         server, store, attachment_store = self._build_server(app, settings.database_url)
         telemetry = load_telemetry(settings)  # None unless OpenTelemetry is configured
         if telemetry is not None:  # ChatKit's store calls get timed

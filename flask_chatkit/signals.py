@@ -73,4 +73,3 @@ __all__ = [
     "stream_finished",
     "stream_started",
 ]
-

@@ -68,7 +68,8 @@ async def _answer() -> int:
 def gunicorn_app() -> Flask:
     # The built-in SQLAlchemyStore (CHATKIT_DATABASE_URL): its reads answer inline.
     url = os.environ["CHATKIT_DATABASE_URL"]
-    app = create_test_app(server_cls=SpinningServer, CHATKIT_DATABASE_URL=url)
+    loop = os.environ.get("CHATKIT_LOOP", "hub")
+    app = create_test_app(server_cls=SpinningServer, CHATKIT_DATABASE_URL=url, CHATKIT_LOOP=loop)
 
     @app.get("/_test/loop")
     def loop_thread() -> Any:

@@ -54,6 +54,8 @@ def test_bad_config_fails_fast() -> None:
         ChatKit(bare_app(CHATKIT_ON_DISCONNECT="ignore"), ScriptedServer, store=MemoryStore())
     with pytest.raises(ValueError, match="CHATKIT_MAX_PAGE_SIZE"):
         ChatKit(bare_app(CHATKIT_MAX_PAGE_SIZE=0), ScriptedServer, store=MemoryStore())
+    with pytest.raises(ValueError, match="CHATKIT_LOOP must be 'hub' or 'thread'"):
+        ChatKit(bare_app(CHATKIT_LOOP="greenlet"), ScriptedServer, store=MemoryStore())
 
 
 def test_config_defaults_are_set_with_setdefault() -> None:
@@ -63,6 +65,7 @@ def test_config_defaults_are_set_with_setdefault() -> None:
     assert app.config["CHATKIT_LOGIN_REQUIRED"] is True
     assert app.config["CHATKIT_MAX_PAGE_SIZE"] == 100
     assert app.config["CHATKIT_ON_DISCONNECT"] == "cancel"
+    assert app.config["CHATKIT_LOOP"] == "hub"
     assert app.config["CHATKIT_URL_PREFIX"] == "/chatkit"
 
 

@@ -1,7 +1,7 @@
 """The loop as a greenlet on the gevent hub (bridge/hub_loop.py), under a real gunicorn.
 
 Under ``-k gevent`` the worker's asyncio loop runs on the hub's own thread unless
-``FLASK_CHATKIT_LOOP=thread``; either way streams work, views see no running loop,
+``CHATKIT_LOOP=thread``; either way streams work, views see no running loop,
 and a loop that always has work ready still lets every other request run.
 """
 
@@ -42,7 +42,7 @@ def read_until(sock: socket.socket, marker: bytes, timeout: float = 30) -> bytes
 def test_where_the_loop_runs_and_streams_in_both(
     tmp_path: Path, loop_env: str | None, on_hub: bool
 ) -> None:
-    env = database(tmp_path) | ({"FLASK_CHATKIT_LOOP": loop_env} if loop_env else {})
+    env = database(tmp_path) | ({"CHATKIT_LOOP": loop_env} if loop_env else {})
     with start_gunicorn(tmp_path, APP, env=env) as server:
         where = requests.get(f"{server.url}/_test/loop", timeout=30)
         assert where.json() == {"same_thread": on_hub}

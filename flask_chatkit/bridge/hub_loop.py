@@ -5,9 +5,9 @@ the loop on a native thread of its own, each stream start, plain request and
 batch of events crossed between the two threads (a GIL hand-off and a wake-up
 each way), and under a burst of stream starts the hub and the loop fought for
 the GIL. Here the loop is one more greenlet: handing it work is a callback and a
-greenlet switch. Store calls, ``asyncio.to_thread`` and ``sync_to_async`` still
-leave the loop exactly as before (native threads, and greenlets on this hub).
-Figures: ``bench/ANALYSIS.md``.
+greenlet switch. Store calls and ``asyncio.to_thread`` still leave the loop for
+native threads, and ``sync_to_async`` for greenlets on this hub, as before.
+Figures: ``docs/design/request-flow.md``; ``CHATKIT_LOOP = "thread"`` turns it off.
 
 Deliberate departures from a plain asyncio loop, cited where they are made:
 
@@ -21,7 +21,7 @@ Deliberate departures from a plain asyncio loop, cited where they are made:
    other greenlets see the loop as running.)
 2. Work handed over from the hub's own thread skips asyncio's self-pipe (a write
    and a read per hand-over): :meth:`HubLoop.call_soon` queues the callback and
-   sets the selector's event. Other threads (store workers, executors) still use
+   ends the selector's wait with a greenlet switch. Other threads (store workers, executors) still use
    ``call_soon_threadsafe``.
 
 Imports nothing of Flask.

@@ -7,10 +7,10 @@ and wait on a *channel* that wakes exactly the waiting greenlet or thread, so a
 worker serves many streams at once. What comes back is an :class:`Outcome`: the
 coroutine's value or the exception it raised.
 
-``FLASK_CHATKIT_LOOP=thread`` in the environment puts the loop on a native thread
-under gevent too: for a ``respond`` that makes native blocking calls (a C
-extension that never yields to gevent), which would otherwise stall the hub and
-every request of the worker, not only the streams.
+``CHATKIT_LOOP = "thread"`` puts the loop on a native thread under gevent too
+(:meth:`LoopThread.prefer_native_thread`): for a ``respond`` that makes native
+blocking calls (a C extension that never yields to gevent), which would otherwise
+stall the hub and every request of the worker, not only the streams.
 
 :func:`run_inline` is the other way to run a coroutine: on the caller's own
 greenlet or thread, with no loop at all, for coroutines that never wait on one
@@ -50,8 +50,6 @@ from .native import (
 
 T = TypeVar("T")
 logger = logging.getLogger("flask_chatkit")
-
-LOOP_ENV = "FLASK_CHATKIT_LOOP"  # "thread": a native loop thread under gevent too
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,8 +213,9 @@ class OpenStreams:
 class LoopThread:
     """The process's long-lived asyncio loop, started on first use and again after ``fork``.
 
-    A greenlet on the gevent hub's thread under gevent (unless ``FLASK_CHATKIT_LOOP``
-    says ``thread``), a native thread otherwise; callers see the same interface.
+    A greenlet on the gevent hub's thread under gevent (unless
+    :meth:`prefer_native_thread` was called), a native thread otherwise; callers
+    see the same interface.
     """
 
     def __init__(self, executor_workers: int = 16) -> None:
@@ -227,6 +226,7 @@ class LoopThread:
         self._open_streams = OpenStreams()
         self._start_hooks: list[Callable[[asyncio.AbstractEventLoop], None]] = []
         self._hub_loop: HubLoop | None = None
+        self._native_thread_preferred = False
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -237,6 +237,14 @@ class LoopThread:
                     self._loop = self._start()
                     self._pid = pid
         return self._loop
+
+    def prefer_native_thread(self) -> None:
+        """Run the loop on a native thread under gevent too (``CHATKIT_LOOP = "thread"``).
+
+        Takes effect where the loop starts next: in a worker when the app is loaded
+        in it (the usual case), not in a process whose loop runs already.
+        """
+        self._native_thread_preferred = True
 
     def current_loop(self) -> asyncio.AbstractEventLoop | None:
         """This process's loop if it runs already (never starts one)."""
@@ -255,7 +263,7 @@ class LoopThread:
     def _start(self) -> asyncio.AbstractEventLoop:
         self._open_streams = OpenStreams()  # a forked child starts with none
         self._hub_loop = None
-        if gevent_patched() and os.environ.get(LOOP_ENV, "hub") != "thread":
+        if gevent_patched() and not self._native_thread_preferred:
             self._hub_loop = HubLoop(self.executor_workers)
             loop: asyncio.AbstractEventLoop = self._hub_loop.loop
         else:
