@@ -1,12 +1,13 @@
-"""Run sync work in greenlets on the worker's gevent hub, handed over from the loop thread.
+"""Run sync work in greenlets on the worker's gevent hub, handed over from the loop.
 
-Under a gevent worker the hub lives in the main thread and the asyncio loop in a
-native thread (see :mod:`.loop`). Blocking-but-cooperative code (patched sockets,
-``time.sleep``, psycopg >= 3.1.14) belongs on the hub: one greenlet per call,
-thousands at once. :class:`HubExecutor` spawns that greenlet through the hub's
-``run_callback_threadsafe`` (the one gevent call that is safe from a foreign
+Under a gevent worker the hub lives in the main thread; the asyncio loop is a
+greenlet on it, or with ``CHATKIT_LOOP = "thread"`` a native thread (see
+:mod:`.loop`). Blocking-but-cooperative code (patched sockets, ``time.sleep``,
+psycopg >= 3.1.14) belongs on the hub: one greenlet per call, thousands at once.
+:class:`HubExecutor` spawns that greenlet through the hub's
+``run_callback_threadsafe`` (the one gevent call that is also safe from a foreign
 thread) and settles the result on the asyncio loop with ``call_soon_threadsafe``,
-so the ``concurrent.futures.Future`` is only ever touched by the loop thread
+so the ``concurrent.futures.Future`` is only ever touched by the loop's own code
 (gevent's patched locks inside it must not be contended across threads).
 
 Imports nothing of Flask.

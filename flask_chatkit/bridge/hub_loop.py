@@ -21,8 +21,8 @@ Deliberate departures from a plain asyncio loop, cited where they are made:
    other greenlets see the loop as running.)
 2. Work handed over from the hub's own thread skips asyncio's self-pipe (a write
    and a read per hand-over): :meth:`HubLoop.call_soon` queues the callback and
-   ends the selector's wait with a greenlet switch. Other threads (store workers, executors) still use
-   ``call_soon_threadsafe``.
+   ends the selector's wait with a greenlet switch. Other threads (store
+   workers, executors) still use ``call_soon_threadsafe``.
 
 Imports nothing of Flask.
 """

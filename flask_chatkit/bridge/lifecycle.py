@@ -184,7 +184,7 @@ class WorkerLifecycle:
         if self._pid == os.getpid():
             loop.call_soon_threadsafe(self._poll_alive)
 
-    # -- on the loop thread ------------------------------------------------
+    # -- on the loop -------------------------------------------------------
     def _poll_alive(self) -> None:
         if self._worker is None or self._pid != os.getpid():
             return

@@ -86,8 +86,8 @@ def run_inline(coro: Coroutine[Any, Any, T]) -> T:
     raise NeedsLoop(getattr(coro, "__qualname__", "coroutine"))
 
 
-# -- channels: the loop thread hands values to one waiting greenlet or thread --------
-# A channel has one producer (the loop thread) and one consumer (the request).
+# -- channels: the loop hands values to one waiting greenlet or thread --------------
+# A channel has one producer (the loop) and one consumer (the request).
 # ``get_batch`` returns everything queued so far, so a burst of stream chunks costs
 # one wake-up and one socket write instead of one per chunk; under gevent the
 # producer also schedules at most one wake-up until the consumer drains.
@@ -120,13 +120,14 @@ class GeventChannel:
     """For greenlets: the producer wakes the consumer's hub, thread-safely if need be.
 
     From the hub's own thread (the loop as a greenlet there) a plain
-    ``run_callback`` does; ``run_callback_threadsafe`` is the one gevent call that
-    is safe from a foreign OS thread; the callback switches straight to the waiting greenlet
-    through a ``Waiter`` (an ``Event`` would add its link notification and a
-    second hub callback to every wake-up). No lock: ``deque.append``/``popleft``
-    are atomic, and the consumer clears ``_wakeup_scheduled`` *before* draining,
-    so an item appended by a producer that saw the flag still set is always
-    drained by the pass that follows.
+    ``run_callback`` does; from a foreign OS thread (the loop on a thread of its
+    own) ``run_callback_threadsafe``, the one gevent call that is safe there. The
+    callback switches straight to the waiting greenlet through a ``Waiter`` (an
+    ``Event`` would add its link notification and a second hub callback to every
+    wake-up). No lock: ``deque.append``/``popleft`` are atomic, and the consumer
+    clears ``_wakeup_scheduled`` *before* draining, so an item appended by a
+    producer that saw the flag still set is always drained by the pass that
+    follows.
     """
 
     def __init__(self) -> None:
@@ -210,6 +211,15 @@ class OpenStreams:
         return len(tasks), len(pending)
 
 
+async def _cancel_every_task(cancelled: list[asyncio.Task[Any]], timeout: float) -> None:
+    """Cancel every other task of the running loop (listed in ``cancelled``), wait for them."""
+    cancelled.extend(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
+    for task in cancelled:
+        task.cancel()
+    if cancelled:
+        await asyncio.wait(cancelled, timeout=timeout)
+
+
 class LoopThread:
     """The process's long-lived asyncio loop, started on first use and again after ``fork``.
 
@@ -253,7 +263,7 @@ class LoopThread:
 
     @property
     def open_streams(self) -> OpenStreams:
-        """The streams running on this process's loop (use on the loop thread)."""
+        """The streams running on this process's loop (use on the loop only)."""
         return self._open_streams
 
     def add_start_hook(self, hook: Callable[[asyncio.AbstractEventLoop], None]) -> None:
@@ -297,42 +307,26 @@ class LoopThread:
         start_native_thread(run)
         return loop
 
-    @property
-    def on_hub(self) -> bool:
-        """Whether this process's loop is a greenlet on the gevent hub's thread."""
-        return self._hub_loop is not None and self._pid == os.getpid()
-
     def shutdown(self, timeout: float = 10.0) -> int:
         """Cancel every running task and wait (bounded) for them; returns how many."""
         loop = self._loop
         if loop is None or self._pid != os.getpid() or loop.is_closed():
             return 0
-        if self._hub_loop is not None:  # this thread runs the loop: wait as a greenlet
-            tasks: list[asyncio.Task[Any]] = []
-
-            async def cancel_and_wait() -> None:
-                tasks.extend(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
-                for task in tasks:
-                    task.cancel()
-                if tasks:
-                    await asyncio.wait(tasks, timeout=timeout)
-
+        cancelled: list[asyncio.Task[Any]] = []
+        if self._hub_loop is not None:  # this very thread runs the loop: wait as a greenlet
             with contextlib.suppress(TimeoutError):
-                self.run(cancel_and_wait, contextvars.copy_context(), timeout=timeout + 1)
-            return len(tasks)
+                self.run(
+                    lambda: _cancel_every_task(cancelled, timeout),
+                    contextvars.copy_context(),
+                    timeout=timeout + 1,
+                )
+            return len(cancelled)
         finished = native_lock()
         finished.acquire()
-        cancelled: list[asyncio.Task[Any]] = []
-
-        async def cancel_all() -> None:
-            cancelled.extend(t for t in asyncio.all_tasks() if t is not asyncio.current_task())
-            for task in cancelled:
-                task.cancel()
-            if cancelled:
-                await asyncio.wait(cancelled, timeout=timeout)
 
         def start() -> None:
-            asyncio.ensure_future(cancel_all()).add_done_callback(lambda _: finished.release())
+            task = asyncio.ensure_future(_cancel_every_task(cancelled, timeout))
+            task.add_done_callback(lambda _: finished.release())
 
         loop.call_soon_threadsafe(start)
         finished.acquire(timeout=timeout + 1)

@@ -14,9 +14,10 @@ Where ChatKit runs:
   here, on the request's greenlet or thread: the store answers synchronously when no
   loop is running. No thread hand-off at all. Anything that could need the loop
   (another store, an overridden ``process()``, PostgreSQL) goes to the loop.
-* **Everything else** goes to the worker's loop thread: a plain request is one round
-  trip (``LoopThread.run``); a stream is one task that checks, runs ChatKit and pumps
-  the result, and this greenlet waits once, for the first chunk.
+* **Everything else** goes to the worker's loop (a greenlet on the hub under gevent,
+  a native thread otherwise): a plain request is one round trip
+  (``LoopThread.run``); a stream is one task that checks, runs ChatKit and pumps the
+  result, and this greenlet waits once, for the first chunk.
 
 ChatKit is handed the request parsed here: ``ChatKitServer.process()`` would parse
 the raw body again (building a ``TypeAdapter`` per call). With an overridden
@@ -214,7 +215,7 @@ def run_chatkit(
             return Response(rewrite(result.json), mimetype="application/json")
 
     # Flask's app/request contexts and Flask-Login's user live in contextvars:
-    # the copy makes them visible inside respond() on the loop thread.
+    # the copy makes them visible inside respond() on the loop.
     ctx = contextvars.copy_context()
 
     async def prepare() -> AsyncIterable[bytes] | Outcome:
