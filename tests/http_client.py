@@ -60,6 +60,18 @@ def raw_stream_request(base_url: str, cookie: str, payload: dict[str, Any]) -> s
     return sock
 
 
+def read_until(sock: socket.socket, marker: bytes, timeout: float = 15) -> bytes:
+    """Read a raw socket until ``marker`` arrives; everything read so far."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while marker not in seen:
+        assert time.monotonic() < deadline, seen[-300:]
+        chunk = sock.recv(65536)
+        assert chunk, seen[-300:]
+        seen += chunk
+    return seen
+
+
 def cookie_header(session: requests.Session) -> str:
     return "; ".join(f"{c.name}={c.value}" for c in session.cookies)
 
@@ -76,9 +88,7 @@ def read_until_delta(response: Any, limit: int = 1000) -> bytes:
     raise AssertionError(f"the stream ended before any delta: {seen[-300:]!r}")
 
 
-def recv_until(
-    sock: socket.socket, done: Callable[[bytes], bool], timeout: float = 20
-) -> bytes:
+def recv_until(sock: socket.socket, done: Callable[[bytes], bool], timeout: float = 20) -> bytes:
     """Read until ``done(received)``; fails at EOF or after ``timeout`` s (never loops on)."""
     received = b""
     deadline = time.monotonic() + timeout

@@ -33,7 +33,9 @@ CTX = RequestContext(user_id="ada")
 
 def reply(text: str, item_id: str = "msg_1", thread_id: str = "thr_1") -> AssistantMessageItem:
     return AssistantMessageItem(
-        id=item_id, thread_id=thread_id, created_at=datetime(2024, 1, 1),
+        id=item_id,
+        thread_id=thread_id,
+        created_at=datetime(2024, 1, 1),
         content=[AssistantMessageContent(text=text)],
     )
 
@@ -78,11 +80,15 @@ async def _save_item_clears(sql_store: SQLAlchemyStore) -> None:
     assert (await sql_store.load_item("thr_1", "msg_1", CTX)).content[0].text == "replaced"
 
 
-def test_many_checkpoints_are_one_statement_and_each_row_is_there(sql_store: SQLAlchemyStore) -> None:
+def test_many_checkpoints_are_one_statement_and_each_row_is_there(
+    sql_store: SQLAlchemyStore,
+) -> None:
     """save_checkpoints: 50 replies in one INSERT .. ON CONFLICT; rows of other owners apart."""
     inserts: list[bool] = []
 
-    def count(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+    def count(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool
+    ) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO CHATKIT_ITEMS"):
             inserts.append(many)
 
@@ -94,8 +100,9 @@ def test_many_checkpoints_are_one_statement_and_each_row_is_there(sql_store: SQL
 
     async def main() -> None:
         await sql_store.save_checkpoints(rows)
-        texts = [(await sql_store.load_item(f"thr_{n}", "msg_1", CTX)).content[0].text
-                 for n in range(50)]
+        texts = [
+            (await sql_store.load_item(f"thr_{n}", "msg_1", CTX)).content[0].text for n in range(50)
+        ]
         assert texts == [f"text {n}" for n in range(50)]
         assert (await sql_store.load_item("thr_0", "msg_1", bob)).content[0].text == "bob's"
 
@@ -256,17 +263,41 @@ def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
     first = reply("")
     events: list[Any] = [ThreadItemAddedEvent(item=first)]
     for text in ("a", "b", " c"):
-        events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=(
-            AssistantMessageContentPartTextDelta(content_index=0, delta=text))))
-    events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=AssistantMessageContentPartDone(
-        content_index=0, content=AssistantMessageContent(text="ab c!"))))
-    events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=AssistantMessageContentPartAdded(
-        content_index=1, content=AssistantMessageContent(text=""))))
+        events.append(
+            ThreadItemUpdatedEvent(
+                item_id="msg_1",
+                update=(AssistantMessageContentPartTextDelta(content_index=0, delta=text)),
+            )
+        )
+    events.append(
+        ThreadItemUpdatedEvent(
+            item_id="msg_1",
+            update=AssistantMessageContentPartDone(
+                content_index=0, content=AssistantMessageContent(text="ab c!")
+            ),
+        )
+    )
+    events.append(
+        ThreadItemUpdatedEvent(
+            item_id="msg_1",
+            update=AssistantMessageContentPartAdded(
+                content_index=1, content=AssistantMessageContent(text="")
+            ),
+        )
+    )
     for text in ("x", "y"):
-        events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=(
-            AssistantMessageContentPartTextDelta(content_index=1, delta=text))))
-    events.append(ThreadItemUpdatedEvent(item_id="msg_1", update=(
-        AssistantMessageContentPartTextDelta(content_index=3, delta="z"))))  # a gap: padded
+        events.append(
+            ThreadItemUpdatedEvent(
+                item_id="msg_1",
+                update=(AssistantMessageContentPartTextDelta(content_index=1, delta=text)),
+            )
+        )
+    events.append(
+        ThreadItemUpdatedEvent(
+            item_id="msg_1",
+            update=(AssistantMessageContentPartTextDelta(content_index=3, delta="z")),
+        )
+    )  # a gap: padded
     for event in events:
         tracker.track(event)
         if isinstance(event, ThreadItemAddedEvent):
@@ -292,8 +323,9 @@ def stored_items(db: Path, thread_id: str) -> list[tuple[str, str, dict[str, Any
 
 
 def reply_done(events: list[dict[str, Any]]) -> bool:
-    return any(e["type"] == "thread.item.done" and e["item"]["type"] == "assistant_message"
-               for e in events)
+    return any(
+        e["type"] == "thread.item.done" and e["item"]["type"] == "assistant_message" for e in events
+    )
 
 
 def text_of(payload: dict[str, Any]) -> str:
@@ -309,8 +341,10 @@ def start_stream(tmp_path: Path, text: str, store: Any = None, **config: Any) ->
     if store is not None:
         store = store(f"sqlite:///{db}")
     app = create_test_app(
-        store=store, instance_path=str(tmp_path / "instance"),
-        CHATKIT_DATABASE_URL=f"sqlite:///{db}", **config,
+        store=store,
+        instance_path=str(tmp_path / "instance"),
+        CHATKIT_DATABASE_URL=f"sqlite:///{db}",
+        **config,
     )
     client = login_as(app, "ada").client
     response = client.post("/chatkit", json=create_request(text), buffered=False)
@@ -320,16 +354,17 @@ def start_stream(tmp_path: Path, text: str, store: Any = None, **config: Any) ->
 
 def test_a_streaming_reply_is_checkpointed_under_the_id_the_client_saw(tmp_path: Path) -> None:
     db = tmp_path / "ckpt.sqlite3"
-    response, chunks = start_stream(
-        tmp_path, "words=40 delay=0.05", CHATKIT_CHECKPOINT_SECONDS=0.3
-    )
+    response, chunks = start_stream(tmp_path, "words=40 delay=0.05", CHATKIT_CHECKPOINT_SECONDS=0.3)
     events: list[dict[str, Any]] = []
     seen: list[tuple[float, str]] = []  # (when, stored text) each time the stored text changed
     started = time.monotonic()
     for chunk in chunks:
         events += sse_data(chunk)
-        added = [e for e in events if e["type"] == "thread.item.added"
-                 and e["item"]["type"] == "assistant_message"]
+        added = [
+            e
+            for e in events
+            if e["type"] == "thread.item.added" and e["item"]["type"] == "assistant_message"
+        ]
         thread_id = created_thread_id(events)
         if added and not reply_done(events):
             rows = [r for r in stored_items(db, thread_id) if r[1] == "assistant_message"]

@@ -8,32 +8,25 @@ and a loop that always has work ready still lets every other request run.
 from __future__ import annotations
 
 import contextlib
-import socket
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from .gunicorn import start_gunicorn
-from .http_client import cookie_header, create_request, logged_in_session, raw_stream_request
+from .http_client import (
+    cookie_header,
+    create_request,
+    logged_in_session,
+    raw_stream_request,
+    read_until,
+)
 
 APP = "tests.hub_loop_app:gunicorn_app()"
 
 
 def database(tmp_path: Path) -> dict[str, str]:
     return {"CHATKIT_DATABASE_URL": f"sqlite:///{tmp_path / 'chatkit.sqlite3'}"}
-
-
-def read_until(sock: socket.socket, marker: bytes, timeout: float = 30) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while marker not in seen:
-        assert time.monotonic() < deadline, seen[-300:]
-        chunk = sock.recv(65536)
-        assert chunk, seen[-300:]
-        seen += chunk
-    return seen
 
 
 @pytest.mark.integration
@@ -76,7 +69,7 @@ def test_views_see_no_running_loop_while_streams_run(tmp_path: Path) -> None:
         ]
         try:
             for sock in socks:
-                read_until(sock, b"text_delta")  # every stream is open on the loop now
+                read_until(sock, b"text_delta", timeout=30)  # every stream is open on the loop now
             views = requests.get(f"{server.url}/_test/views", timeout=30)
             assert views.status_code == 200, views.text
             assert views.json() == {"running_loop": False, "asyncio_run": 42, "async_to_sync": 42}
@@ -99,7 +92,7 @@ def test_a_loop_always_busy_still_lets_other_requests_run(tmp_path: Path) -> Non
         sock = raw_stream_request(server.url, cookie_header(alice), create_request("spin=20"))
         try:
             # Sent just before respond starts spinning: the hub wrote it meanwhile.
-            seen = read_until(sock, b"spinning")
+            seen = read_until(sock, b"spinning", timeout=30)
             ping = requests.get(f"{server.url}/_test/ping", timeout=30)
             assert ping.json() == {"ok": True}
             sock.settimeout(0.05)

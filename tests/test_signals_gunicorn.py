@@ -14,20 +14,15 @@ import pytest
 import requests
 
 from .gunicorn import start_gunicorn
-from .http_client import cookie_header, create_request, logged_in_session, raw_stream_request
+from .http_client import (
+    cookie_header,
+    create_request,
+    logged_in_session,
+    raw_stream_request,
+    read_until,
+)
 
 WORKER_ARGS = {"gevent": [], "gthread": ["--threads", "4"], "sync": []}
-
-
-def read_until(sock: socket.socket, marker: bytes, timeout: float = 15) -> bytes:
-    seen = b""
-    deadline = time.monotonic() + timeout
-    while marker not in seen:
-        assert time.monotonic() < deadline, seen[-300:]
-        chunk = sock.recv(65536)
-        assert chunk, seen[-300:]
-        seen += chunk
-    return seen
 
 
 def abort_mid_stream(base_url: str, cookie: str) -> None:
@@ -53,7 +48,10 @@ def test_cancelled_replies_counted_per_user(tmp_path: Path, worker_class: str) -
     log_path = tmp_path / "signals.jsonl"
     env = {"CHATKIT_TEST_SIGNAL_LOG": str(log_path), "CHATKIT_HEARTBEAT_SECONDS": "1"}
     with start_gunicorn(
-        tmp_path, "tests.signal_app:gunicorn_app()", env=env, worker_class=worker_class,
+        tmp_path,
+        "tests.signal_app:gunicorn_app()",
+        env=env,
+        worker_class=worker_class,
         extra_args=WORKER_ARGS[worker_class],
     ) as server:
         health = requests.get(f"{server.url}/chatkit/health", timeout=10)
@@ -102,7 +100,9 @@ def test_one_trace_per_chat_turn_under_gevent(tmp_path: Path) -> None:
             time.sleep(0.1)
     spans = {str(s["name"]): s for s in read_log(spans_path)}
     server_span, chatkit, user = (
-        spans["POST /chatkit"], spans["chatkit threads.create"], spans["user-work"]
+        spans["POST /chatkit"],
+        spans["chatkit threads.create"],
+        spans["user-work"],
     )
     assert chatkit["parent"] == server_span["id"]
     assert user["parent"] == chatkit["id"]  # the app's own span, created inside respond

@@ -260,13 +260,14 @@ def test_hup_reload_saves_partial_replies(tmp_path: Path, worker_class: str) -> 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("worker_class", ["gevent", "gthread"])
 def test_max_requests_recycling_saves_partial_replies(tmp_path: Path, worker_class: str) -> None:
-    # login + 3 long replies + the short one: the short request retires the worker.
-    args = ["--max-requests", "5", "--max-requests-jitter", "0"]
+    # start_gunicorn's readiness probe + login + 3 long replies + the short one: the
+    # short request (the sixth) retires the worker.
+    args = ["--max-requests", "6", "--max-requests-jitter", "0"]
     with _server(tmp_path, worker_class, extra_args=args) as server:
         old = _the_worker(server)
         cookie = _login_cookie(server)
         longs = [_open_stream(server, cookie, LONG) for _ in range(3)]
-        stopped = time.monotonic()  # the fifth request sets alive = False
+        stopped = time.monotonic()  # the sixth request sets alive = False
         short = _open_stream(server, cookie, SHORT)
         *long_ends, short_end = _ends([*longs, short])
         # No signal here: the worker's alive flag is polled (lifecycle.POLL_INTERVAL).
