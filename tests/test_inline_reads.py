@@ -1,8 +1,8 @@
 """Store reads answered where they arrive: no thread hand-off for threads.list & co.
 
-With the SDK's own ``process()`` and ``SQLAlchemyStore`` on SQLite, the view drives
-ChatKit on the request's own thread (``run_inline``); everything else, and anything
-that turns out to need the loop, runs on the loop thread.
+With the SDK's own ``process()`` and ``SQLAlchemyStore`` on SQLite or PostgreSQL
+(psycopg), the view drives ChatKit on the request's own thread (``run_inline``);
+everything else, and anything that turns out to need the loop, runs on the loop.
 """
 
 from __future__ import annotations
@@ -84,17 +84,17 @@ def test_run_inline_refuses_a_coroutine_that_needs_the_loop() -> None:
         run_inline(waits())
 
 
-def test_reads_go_through_the_loop_on_postgresql_and_with_an_overridden_read(
+def test_reads_answer_inline_on_both_databases_but_not_with_an_overridden_read(
     store_url: str, tmp_path: Path
 ) -> None:
-    """Inline only where measured faster: SQLite, with the store's own read methods."""
+    """Inline where measured faster, SQLite and PostgreSQL (psycopg), and only with the
+    store's own read methods."""
 
     class OverriddenRead(_RecordingStore):
         async def load_threads(self, *args: Any, **kwargs: Any) -> Any:
             return await super().load_threads(*args, **kwargs)
 
-    for store_cls, inline in ((_RecordingStore, store_url.startswith("sqlite")),
-                              (OverriddenRead, False)):
+    for store_cls, inline in ((_RecordingStore, True), (OverriddenRead, False)):
         store = store_cls(store_url)
         try:
             kit = _client(store, tmp_path)

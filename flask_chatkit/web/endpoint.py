@@ -10,10 +10,11 @@ request that was going to fail.
 Where ChatKit runs:
 
 * **Store reads** (``threads.get_by_id``, ``threads.list``, ``items.list``) with the
-  SDK's own ``process()`` and the built-in ``SQLAlchemyStore`` on SQLite run right
-  here, on the request's greenlet or thread: the store answers synchronously when no
-  loop is running. No thread hand-off at all. Anything that could need the loop
-  (another store, an overridden ``process()``, PostgreSQL) goes to the loop.
+  SDK's own ``process()`` and the built-in ``SQLAlchemyStore`` on SQLite or on
+  PostgreSQL through psycopg run right here, on the request's greenlet or thread: the
+  store answers synchronously when no loop is running. No thread hand-off at all.
+  Anything that could need the loop (another store or driver, an overridden
+  ``process()``) goes to the loop.
 * **Everything else** goes to the worker's loop (a greenlet on the hub under gevent,
   a native thread otherwise): a plain request is one round trip
   (``LoopThread.run``); a stream is one task that checks, runs ChatKit and pumps the
@@ -391,9 +392,9 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
 
     Only with the SDK's ``process()`` over ``SQLAlchemyStore``'s own read methods
     (possibly behind the telemetry wrapper): those never need a running loop. Only on
-    SQLite: on PostgreSQL, reads through the loop and the store's threads are
-    faster than psycopg's waits on the request's greenlet (figures: docs,
-    design/request-flow). Decided once per server and store.
+    SQLite, and on PostgreSQL through psycopg (3), which waits cooperatively under
+    gevent; another driver (psycopg2 without psycogreen) could block the hub, so its
+    reads go to the store's threads. Decided once per server and store.
     """
     known = _INLINE_ANSWERS.get(server)
     if known is not None and known[0] is server.store:
@@ -402,7 +403,7 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
     inline = (
         uses_sdk_process(server)
         and isinstance(store, SQLAlchemyStore)
-        and store.dialect == "sqlite"
+        and (store.dialect, store.engine.dialect.driver) in _INLINE_DRIVERS
         and all(
             getattr(type(store), name) is getattr(SQLAlchemyStore, name) for name in _STORE_READS
         )
@@ -410,6 +411,10 @@ def answers_inline(server: ChatKitServer[Any]) -> bool:
     _INLINE_ANSWERS[server] = (server.store, inline)
     return inline
 
+
+# (dialect, driver) whose reads answer inline: measured faster there than through the
+# loop (docs/design/request-flow.md), and never blocking the gevent hub.
+_INLINE_DRIVERS = frozenset({("sqlite", "pysqlite"), ("postgresql", "psycopg")})
 
 # server -> (the store it was decided for, the answer)
 _INLINE_ANSWERS: weakref.WeakKeyDictionary[ChatKitServer[Any], tuple[Any, bool]] = (
