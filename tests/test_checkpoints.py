@@ -216,6 +216,16 @@ def test_every_stream_of_a_worker_is_checkpointed_in_one_write_per_tick() -> Non
     asyncio.run(main())
 
 
+def _delta(index: int, text: str) -> Any:
+    """A text delta of msg_1's content part ``index``."""
+    from chatkit.types import AssistantMessageContentPartTextDelta, ThreadItemUpdatedEvent
+
+    return ThreadItemUpdatedEvent(
+        item_id="msg_1",
+        update=AssistantMessageContentPartTextDelta(content_index=index, delta=text),
+    )
+
+
 def test_a_reply_ending_in_an_error_waits_for_the_ticks_write_then_saves_its_newest_text() -> None:
     """The last save must not race the tick's write of the same row (older text last)."""
     from flask_chatkit.web.endpoint import _Ticker
@@ -246,7 +256,6 @@ def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
     from chatkit.types import (
         AssistantMessageContentPartAdded,
         AssistantMessageContentPartDone,
-        AssistantMessageContentPartTextDelta,
         ThreadItemAddedEvent,
         ThreadItemUpdatedEvent,
     )
@@ -262,13 +271,7 @@ def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
     reference: dict[str, Any] = {}
     first = reply("")
     events: list[Any] = [ThreadItemAddedEvent(item=first)]
-    for text in ("a", "b", " c"):
-        events.append(
-            ThreadItemUpdatedEvent(
-                item_id="msg_1",
-                update=(AssistantMessageContentPartTextDelta(content_index=0, delta=text)),
-            )
-        )
+    events += [_delta(0, text) for text in ("a", "b", " c")]
     events.append(
         ThreadItemUpdatedEvent(
             item_id="msg_1",
@@ -285,19 +288,8 @@ def test_collected_deltas_give_the_text_the_sdk_would_keep() -> None:
             ),
         )
     )
-    for text in ("x", "y"):
-        events.append(
-            ThreadItemUpdatedEvent(
-                item_id="msg_1",
-                update=(AssistantMessageContentPartTextDelta(content_index=1, delta=text)),
-            )
-        )
-    events.append(
-        ThreadItemUpdatedEvent(
-            item_id="msg_1",
-            update=(AssistantMessageContentPartTextDelta(content_index=3, delta="z")),
-        )
-    )  # a gap: padded
+    events += [_delta(1, text) for text in ("x", "y")]
+    events.append(_delta(3, "z"))  # a gap: padded
     for event in events:
         tracker.track(event)
         if isinstance(event, ThreadItemAddedEvent):

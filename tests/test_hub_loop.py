@@ -8,6 +8,7 @@ and a loop that always has work ready still lets every other request run.
 from __future__ import annotations
 
 import contextlib
+import socket
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,11 @@ from .http_client import (
 )
 
 APP = "tests.hub_loop_app:gunicorn_app()"
+
+
+def open_stream(url: str, session: requests.Session, text: str) -> socket.socket:
+    """A raw-socket ``threads.create`` stream of ``session``'s user; the caller reads it."""
+    return raw_stream_request(url, cookie_header(session), create_request(text))
 
 
 def database(tmp_path: Path) -> dict[str, str]:
@@ -61,12 +67,7 @@ def test_where_the_loop_runs_and_streams_in_both(
 def test_views_see_no_running_loop_while_streams_run(tmp_path: Path) -> None:
     with start_gunicorn(tmp_path, APP, env=database(tmp_path)) as server:
         alice = logged_in_session(server.url, "alice")
-        socks = [
-            raw_stream_request(
-                server.url, cookie_header(alice), create_request("words=40 delay=0.1")
-            )
-            for _ in range(5)
-        ]
+        socks = [open_stream(server.url, alice, "words=40 delay=0.1") for _ in range(5)]
         try:
             for sock in socks:
                 read_until(sock, b"text_delta", timeout=30)  # every stream is open on the loop now
@@ -89,7 +90,7 @@ def test_views_see_no_running_loop_while_streams_run(tmp_path: Path) -> None:
 def test_a_loop_always_busy_still_lets_other_requests_run(tmp_path: Path) -> None:
     with start_gunicorn(tmp_path, APP, env=database(tmp_path)) as server:
         alice = logged_in_session(server.url, "alice")
-        sock = raw_stream_request(server.url, cookie_header(alice), create_request("spin=20"))
+        sock = open_stream(server.url, alice, "spin=20")
         try:
             # Sent just before respond starts spinning: the hub wrote it meanwhile.
             seen = read_until(sock, b"spinning", timeout=30)
