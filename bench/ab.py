@@ -3,8 +3,10 @@
     python -m bench.ab STREAMS ROUNDS NAME:HOST[:KEY=VALUE,...] ...
 
 e.g. ``python -m bench.ab 500 5 on:flask off:flask:BENCH_CHECKPOINT_SECONDS=0
-uv:uvicorn-fixed``. Each configuration is its own server (HOST as in ``bench.servers``,
-the KEY=VALUE pairs in its environment, read by ``bench.apps``). Runs of the whole bench
+uv:uvicorn-fixed``; ``'hb:flask:BENCH_CONFIG={"CHATKIT_HEARTBEAT_SECONDS":0}'`` sets
+any config as JSON (one key: commas separate the pairs). Each configuration is its own
+server (HOST as in ``bench.servers``, the KEY=VALUE pairs in its environment, read by
+``bench.apps``). Runs of the whole bench
 an hour apart differ by more than many changes are worth; alternating rounds in one run
 and taking medians is how the candidates in ANALYSIS.md were compared.
 """
@@ -23,7 +25,7 @@ from bench.sections import _many_streams, run
 
 def _parse(spec: str) -> tuple[str, str, dict[str, str]]:
     name, host, *rest = spec.split(":")
-    env = dict(kv.split("=", 1) for kv in (rest[0] if rest else "").split(",") if kv)
+    env = dict(kv.split("=", 1) for kv in ":".join(rest).split(",") if kv)
     return name, host, env
 
 

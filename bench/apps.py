@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
 from typing import Any
 
@@ -115,6 +116,12 @@ def flask_app() -> Any:
         app.config["CHATKIT_LOOP"] = os.environ["CHATKIT_LOOP"]
     if os.environ.get("BENCH_CHECKPOINT_SECONDS"):  # experiments: checkpoints off or apart
         app.config["CHATKIT_CHECKPOINT_SECONDS"] = float(os.environ["BENCH_CHECKPOINT_SECONDS"])
+    if os.environ.get("BENCH_CONFIG"):  # experiments: any config, as JSON
+        app.config.update(json.loads(os.environ["BENCH_CONFIG"]))
+    if os.environ.get("BENCH_GC_THRESHOLD"):  # experiments: the app's own, e.g. "700-10-10"
+        import gc
+
+        gc.set_threshold(*(int(n) for n in os.environ["BENCH_GC_THRESHOLD"].split("-")))
     chatkit = ChatKit(app, BenchServer, store=make_store())
 
     @chatkit.context_loader

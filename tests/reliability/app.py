@@ -6,7 +6,9 @@ tasks are alive on the worker's ChatKit event loop (the probe's own task not
 counted), so a test can tell that cancelled streams left no task behind, and
 ``GET /_test/store/<user_id>/<thread_id>``: a thread's items straight from the
 store, hidden ones (the SDK's "stream cancelled" item) included, and
-``GET /_test/lifecycle``: the worker's stop plan (bridge/lifecycle.py).
+``GET /_test/lifecycle``: the worker's stop plan and collector settings
+(bridge/lifecycle.py). ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
+collector thresholds before ``init_app``.
 Native thread counts are read from ``/proc/<pid>/status`` by the tests.
 """
 
@@ -25,6 +27,8 @@ from tests.apps import gunicorn_app as base_gunicorn_app
 
 
 def gunicorn_app() -> Flask:
+    if os.environ.get("TEST_GC_THRESHOLD"):  # an app that tunes its own collector
+        gc.set_threshold(*(int(n) for n in os.environ["TEST_GC_THRESHOLD"].split(",")))
     app = base_gunicorn_app()
 
     @app.get("/_test/loop")
@@ -57,10 +61,16 @@ def gunicorn_app() -> Flask:
 
         plan = _LIFECYCLE.plan
         if plan is None:
-            return jsonify(pid=os.getpid(), plan=None, gc_frozen=gc.get_freeze_count())
+            return jsonify(
+                pid=os.getpid(),
+                plan=None,
+                gc_frozen=gc.get_freeze_count(),
+                gc_threshold=gc.get_threshold(),
+            )
         return jsonify(
             pid=os.getpid(),
             gc_frozen=gc.get_freeze_count(),
+            gc_threshold=gc.get_threshold(),
             plan={
                 "graceful_timeout": plan.graceful_timeout,
                 "cancel_timeout": plan.cancel_timeout,

@@ -29,7 +29,7 @@ import pytest
 import requests
 
 from flask_chatkit import RequestContext, SQLAlchemyStore
-from flask_chatkit.bridge.lifecycle import STOP_MARGIN
+from flask_chatkit.bridge.lifecycle import STOP_MARGIN, WORKER_GC_THRESHOLD
 from tests.gunicorn import RunningServer, start_gunicorn
 
 from .conftest import (
@@ -61,10 +61,12 @@ def _server(
     extra_args: list[str] | None = None,
     graceful: float | None = GRACE,
     cancel_timeout: float | None = CANCEL_TIMEOUT,
+    env: dict[str, str] | None = None,
 ) -> Any:
     env = {
         "CHATKIT_TEST_STORE": "sql",
         "CHATKIT_DATABASE_URL": _db_url(tmp_path),
+        **(env or {}),
     }
     if cancel_timeout is not None:
         env["CHATKIT_CANCEL_TIMEOUT"] = str(cancel_timeout)
@@ -307,8 +309,10 @@ def test_plan_reads_gunicorns_default_grace_period(tmp_path: Path) -> None:
         probe = requests.get(f"{server.url}/_test/lifecycle", timeout=10).json()
         plan = probe["plan"]
         log = server.log()
-    # What the worker built at start-up is kept out of full collections (gc.freeze).
+    # What the worker built at start-up is kept out of full collections (gc.freeze),
+    # and young collections run a tenth as often.
     assert probe["gc_frozen"] > 10_000
+    assert probe["gc_threshold"] == [WORKER_GC_THRESHOLD, 10, 10]
     assert plan == {
         "graceful_timeout": 30.0,
         "cancel_timeout": 10.0,
@@ -318,6 +322,18 @@ def test_plan_reads_gunicorns_default_grace_period(tmp_path: Path) -> None:
     assert "does not fit" not in log
     assert not [e for e in reader.events if e.get("type") == "error"]
     assert any(e.get("update", {}).get("type") == DELTA for e in reader.events)
+
+
+@pytest.mark.timeout(60)
+def test_an_apps_own_gc_thresholds_are_kept(tmp_path: Path) -> None:
+    """An app that set its collector's thresholds before init_app keeps them."""
+    with _server(tmp_path, "gevent", env={"TEST_GC_THRESHOLD": "900,7,3"}) as server:
+        reader = _open_stream(server, _login_cookie(server), "words=3")
+        _read_to_end(reader)
+        probe = requests.get(f"{server.url}/_test/lifecycle", timeout=10).json()
+    assert probe["plan"] is not None  # in a worker: the tuning ran, and left these alone
+    assert probe["gc_frozen"] > 10_000
+    assert probe["gc_threshold"] == [900, 7, 3]
 
 
 @pytest.mark.timeout(60)
