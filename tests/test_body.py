@@ -1,4 +1,4 @@
-"""A streamed reply keeps the request's Flask contexts until it ends (web/body.py).
+"""A streamed reply keeps the request's Flask contexts until it ends (web/response.py).
 
 Flask 3.1 tears the app context down when the view returns unless something still
 holds it; ``respond`` keeps running after that, so the streaming body holds both
@@ -7,7 +7,7 @@ contexts and gives them back exactly once: read to the end, or closed unread.
 
 from __future__ import annotations
 
-from flask import Flask
+from flask import Flask, Response
 from flask.testing import FlaskClient
 
 from .helpers import login_as
@@ -54,3 +54,27 @@ def test_a_body_closed_unread_still_gives_the_contexts_back(
     assert torn == ["request", "app"]
     # The worker's thread is clean again: the next request gets fresh contexts.
     assert client.post("/chatkit", json={"type": "threads.list", "params": {}}).status_code == 200
+
+
+def test_call_on_close_runs_once_after_the_stream(app: Flask, client: FlaskClient) -> None:
+    """The body is handed to the server as it is, yet the response's close callbacks run."""
+    torn = record_teardowns(app)
+
+    @app.after_request
+    def on_close(response: Response) -> Response:
+        response.call_on_close(lambda: torn.append("closed"))
+        return response
+
+    login_as(client, "alice")
+    torn.clear()
+    response = client.post("/chatkit", json=create_request("words=3"))
+    assert response.mimetype == "text/event-stream"
+    assert torn == []
+    assert b"thread.created" in b"".join(response.response)
+    assert torn == ["request", "app", "closed"]  # after the stream and its teardown, once
+    response.close()
+    assert torn == ["request", "app", "closed"]
+    unread = client.post("/chatkit", json=create_request("words=50 delay=0.05"))
+    torn.clear()
+    unread.close()  # a client gone before any byte
+    assert torn == ["request", "app", "closed"]

@@ -319,21 +319,27 @@ class Stream:
             stats.bytes_sent -= len(write)
         return write
 
+    # An iterator, not a generator: a greenlet waiting for the next write keeps its
+    # C stack on the heap, and each generator level between gunicorn's write loop
+    # and the wait adds ~400 bytes to it (see ContextKeepingBody).
     def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
+        """The next write (joined events, or a ping); closes the stream at its end."""
         try:
-            while not self._finished or self._queued:
-                write = self._next_write()
-                if write is None:
-                    return
-                if isinstance(write, Outcome):
-                    if write.error is None:  # a plain result: nothing to stream
-                        return
-                    self._end("failed", write.error)  # before the write a gone client may stop
-                    yield error_event_bytes()
-                    return
-                yield write
-        finally:
+            write = None if self._finished and not self._queued else self._next_write()
+            if write is None:
+                raise StopIteration
+            if isinstance(write, Outcome):
+                if write.error is None:  # a plain result: nothing to stream
+                    raise StopIteration
+                self._end("failed", write.error)  # before the write a gone client may stop
+                return error_event_bytes()  # and the stream is finished: the next call ends
+            return write
+        except BaseException:
             self.close()
+            raise
 
     def close(self) -> None:
         if self._finished:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 
-from flask import Config, Request, current_app, has_request_context, request
+from flask import Config, Request, Response, current_app, has_request_context, request
 from flask.globals import _cv_app, _cv_request
 
 from ..attachments import APP_URL
@@ -35,13 +35,15 @@ class ContextKeepingBody:
     """The WSGI iterable of a ChatKit stream; create it inside the view.
 
     ``rewrite`` is applied to each write (stored relative attachment URLs made absolute).
+    Serve it with :func:`stream_response`.
     """
 
-    __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream")
+    __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream", "response")
 
     def __init__(self, stream: Stream, rewrite: Callable[[bytes], bytes]) -> None:
         self._stream = stream
         self._rewrite = rewrite
+        self.response: Response | None = None  # closed last: its call_on_close callbacks
         self._app_ctx = _cv_app.get()
         self._request_ctx = _cv_request.get()
         # One more push of each: the view's own pops are then not the last ones.
@@ -55,12 +57,17 @@ class ContextKeepingBody:
             self._request_ctx.url_adapter = adapter
         self._closed = False
 
+    # An iterator that calls the stream's __next__ as a plain method: no generator
+    # level between gunicorn's write loop and the stream (see Stream.__next__).
     def __iter__(self) -> Iterator[bytes]:
+        return self
+
+    def __next__(self) -> bytes:
         try:
-            for write in self._stream:
-                yield self._rewrite(write)
-        finally:  # read to the end (a test client may never call close())
+            return self._rewrite(self._stream.__next__())
+        except BaseException:  # read to the end (a test client may never call close())
             self.close()
+            raise
 
     def close(self) -> None:
         if self._closed:
@@ -73,7 +80,27 @@ class ContextKeepingBody:
             try:
                 self._request_ctx.pop()
             finally:
-                self._app_ctx.pop()
+                try:
+                    self._app_ctx.pop()
+                finally:
+                    if self.response is not None:
+                        self.response.close()  # comes back here (closed), then its callbacks
+
+
+def stream_response(body: ContextKeepingBody, headers: dict[str, str]) -> Response:
+    """The SSE response for ``body``, which the WSGI server iterates and closes itself.
+
+    ``direct_passthrough``: werkzeug hands the body to the server as it is, not wrapped
+    in its encoding generator and ``ClosingIterator`` (two levels less on the stack of
+    every waiting stream); the body closes the response, so ``call_on_close`` still
+    runs. A middleware that would buffer the body to compress it (Flask-Compress)
+    leaves a passthrough response alone.
+    """
+    response = Response(
+        body, mimetype="text/event-stream", headers=headers, direct_passthrough=True
+    )
+    body.response = response
+    return response
 
 
 def _base(settings: Settings, config: Config, current: Request | None) -> str:
