@@ -24,7 +24,6 @@ values (Flask's app/request contexts, Flask-Login's user) the coroutine sees.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import contextvars
 import logging
@@ -124,10 +123,12 @@ class GeventChannel:
     own) ``run_callback_threadsafe``, the one gevent call that is safe there. The
     callback switches straight to the waiting greenlet through a ``Waiter`` (an
     ``Event`` would add its link notification and a second hub callback to every
-    wake-up). No lock: ``deque.append``/``popleft`` are atomic, and the consumer
-    clears ``_wakeup_scheduled`` *before* draining, so an item appended by a
-    producer that saw the flag still set is always drained by the pass that
-    follows.
+    wake-up). No lock: ``list.append`` is atomic, the consumer takes the first
+    ``n`` items with one slice and removes exactly those with one ``del`` (an item
+    appended in between stays), and it clears ``_wakeup_scheduled`` *before*
+    draining, so an item appended by a producer that saw the flag still set is
+    always drained by the pass that follows. (A list, not a deque: an empty deque
+    is 760 bytes, and every open stream has a channel.)
     """
 
     def __init__(self) -> None:
@@ -135,7 +136,7 @@ class GeventChannel:
         self._hub_loop = hub.loop
         self._hub_thread = hub.thread_ident
         self._waiter: Waiter[Any] = Waiter(hub)
-        self._items: collections.deque[Any] = collections.deque()
+        self._items: list[Any] = []
         self._wakeup_scheduled = False
 
     def put(self, item: Any) -> None:
@@ -153,10 +154,11 @@ class GeventChannel:
             # stored by the Waiter: drop it, the drain below covers its items.
             self._waiter.clear()
             self._wakeup_scheduled = False
-            batch = []
-            while self._items:
-                batch.append(self._items.popleft())
-            if batch:
+            items = self._items
+            if items:
+                taken = len(items)
+                batch = items[:taken]
+                del items[:taken]
                 return batch
             if timeout is not None and timeout <= 0:
                 return TIMEOUT

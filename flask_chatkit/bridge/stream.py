@@ -6,7 +6,6 @@ Imports nothing of Flask.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextvars
 import logging
 import time
@@ -135,18 +134,20 @@ class Stream:
         self._task: asyncio.Task[None] | None = None
         self._detached = False  # the reader left and the pump should stop queuing
         self._finished = False
-        self._queued: collections.deque[Any] = collections.deque()
+        # Taken from the channel, not yet written (a list: an empty deque is 760 bytes).
+        self._queued: list[Any] = []
         self._on_end = on_end
         self._end_claimed = native_lock()  # taken by the one report of the end
         self._final: Any = None  # the pump's last item, once the reader took it
         self.stats = StreamStats(started=time.monotonic() if started is None else started)
         # Backpressure. Each counter has one writer (the pump / the reader), so
         # neither needs a lock; the pump parks on ``_drained`` (a loop-side
-        # Event) only once the difference crosses ``_max_buffered``.
+        # Event, made the first time: most streams never park) only once the
+        # difference crosses ``_max_buffered``.
         self._max_buffered = max_buffered
         self._produced = 0
         self._consumed = 0
-        self._drained = asyncio.Event()
+        self._drained: asyncio.Event | None = None
         self._parked = False  # the pump waits on _drained (read by the reader)
         self._cancelling = False  # a cancel was re-aimed at ChatKit: never park again
 
@@ -221,6 +222,8 @@ class Stream:
         A disconnect in finish mode wakes us to run on without a reader.
         """
         while self._over_budget():
+            if self._drained is None:
+                self._drained = asyncio.Event()
             self._drained.clear()
             self._parked = True
             try:
@@ -239,7 +242,8 @@ class Stream:
                 self._parked = False
 
     def _wake_pump(self) -> None:
-        self._drained.set()
+        if self._drained is not None:
+            self._drained.set()
 
     def _taken(self, batch: list[Any]) -> None:
         """The reader took ``batch`` off the channel: count it, wake a parked pump."""
@@ -281,19 +285,22 @@ class Stream:
         before it have been written.
         """
         while True:
-            if self._queued:
-                item = self._queued.popleft()
+            queued = self._queued
+            if queued:
+                item = queued[0]
                 if _is_final(item):
+                    del queued[0]
                     self._finished = True
                     self._final = item  # reported by close(), after the last write
                     return item if isinstance(item, Outcome) else None
-                chunks = [item]
-                while self._queued and isinstance(self._queued[0], bytes):
-                    chunks.append(self._queued.popleft())
-                write = b"".join(chunks)
+                end = 1
+                while end < len(queued) and isinstance(queued[end], bytes):
+                    end += 1
+                write = item if end == 1 else b"".join(queued[:end])
+                del queued[:end]
                 # Counted per write (a batch of events), not per event.
                 stats = self.stats
-                stats.events += len(chunks)
+                stats.events += end
                 stats.bytes_sent += len(write)
                 stats.tail = (stats.tail[1], write)
                 return write
@@ -302,7 +309,7 @@ class Stream:
                 return PING
             assert isinstance(batch, list)
             self._taken(batch)
-            self._queued.extend(batch)
+            self._queued = batch
 
     def first(self) -> bytes | Outcome | None:
         """The first write, so a failure before any byte can become an HTTP error.
@@ -313,7 +320,7 @@ class Stream:
         stats = self.stats
         stats.first_event = time.monotonic()
         if isinstance(write, bytes):
-            self._queued.appendleft(write)
+            self._queued.insert(0, write)
             # Re-taken as one more chunk by the first iteration: count it only then.
             stats.events -= 1
             stats.bytes_sent -= len(write)
