@@ -6,7 +6,8 @@ e.g. ``python -m bench.ab 500 5 on:flask off:flask:BENCH_CHECKPOINT_SECONDS=0
 uv:uvicorn-fixed``; ``'hb:flask:BENCH_CONFIG={"CHATKIT_HEARTBEAT_SECONDS":0}'`` sets
 any config as JSON (one key: commas separate the pairs). Each configuration is its own
 server (HOST as in ``bench.servers``, the KEY=VALUE pairs in its environment, read by
-``bench.apps``). Runs of the whole bench
+``bench.apps``). ``BENCH_AB_POSTGRES=1`` runs them on PostgreSQL (one throwaway
+cluster, a database per configuration) instead of SQLite files. Runs of the whole bench
 an hour apart differ by more than many changes are worth; alternating rounds in one run
 and taking medians is how the candidates in ANALYSIS.md were compared.
 """
@@ -44,12 +45,18 @@ def main(argv: list[str]) -> int:
     body = loadgen.create_body("words=25 delay=0.2")
     results: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _, _ in configs}
     with ExitStack() as stack:
+        cluster = None
+        if os.environ.get("BENCH_AB_POSTGRES") == "1":  # each configuration its own database
+            from bench.pgcluster import PostgresCluster
+
+            cluster = stack.enter_context(PostgresCluster.create())
         started = {}
         for name, host, env in configs:
             saved = dict(os.environ)
             os.environ.update(env)
             try:
-                started[name] = stack.enter_context(servers.run_server(host))
+                db_url = cluster.create_database() if cluster is not None else None
+                started[name] = stack.enter_context(servers.run_server(host, db_url=db_url))
             finally:
                 os.environ.clear()
                 os.environ.update(saved)

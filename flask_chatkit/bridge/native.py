@@ -27,6 +27,7 @@ __all__ = [
     "gevent_patched",
     "native_lock",
     "native_thread_id",
+    "native_thread_local",
     "outcome_of",
     "settle",
     "settle_from_thread",
@@ -70,6 +71,11 @@ def native_thread_id() -> int:
     if _get_ident is None or _get_ident[0] != patched:
         _get_ident = (patched, _original("_thread", "get_ident"))
     return _get_ident[1]()
+
+
+def native_thread_local() -> Any:
+    """An object whose attributes are per OS thread (gevent's ``local`` is per greenlet)."""
+    return _original("_thread", "_local")()
 
 
 def native_lock() -> Any:
@@ -125,12 +131,18 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
     ``concurrent.futures`` condition variables crossing threads.
     """
 
-    def __init__(self, max_workers: int = 8, name: str = "chatkit-worker") -> None:
+    def __init__(
+        self,
+        max_workers: int = 8,
+        name: str = "chatkit-worker",
+        on_start: Callable[[], None] | None = None,
+    ) -> None:
         if max_workers < 1:
             raise ValueError("max_workers must be at least 1")
         super().__init__(max_workers, thread_name_prefix=name)  # bookkeeping only
         self.max_workers = max_workers
         self.name = name
+        self._on_start = on_start  # run by each worker thread before its first job
         self._work: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
         self._lock = native_lock()
         self._started = 0
@@ -140,6 +152,8 @@ class NativeThreadPool(concurrent.futures.ThreadPoolExecutor):
 
     # -- the worker side ------------------------------------------------
     def _worker(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         while True:
             job = self._work.get()
             if job is _STOP:

@@ -30,11 +30,14 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import QueuePool, StaticPool
 
+from ..bridge.native import native_thread_local
+
 __all__ = [
     "Tables",
     "build_engine",
     "build_tables",
     "engine_pool_capacity",
+    "psycopg_waits_natively_here",
 ]
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -170,6 +173,45 @@ def build_engine(url_or_str: str | URL, pool_size: int | None = None) -> Engine:
     if backend == "postgresql":
         kwargs["connect_args"] = {"connect_timeout": PG_CONNECT_TIMEOUT_S}
     return create_engine(url, **kwargs)
+
+
+# -- psycopg's waits on the store's native threads ------------------------------------
+# psycopg picks one wait function per process when it is imported: with gevent's
+# patches in place, a cooperative one (gevent's ``poll``), so that a query on a
+# greenlet lets the others run. The store's own threads are native threads, though:
+# there, gevent's ``poll`` runs a gevent hub per thread for every wait, where
+# psycopg's C wait would simply block that thread with the GIL released. On
+# PostgreSQL under gevent that cost a stream 13 % more CPU (figures:
+# ``docs/benchmarks.md``). ``PSYCOPG_WAIT_FUNC`` can only choose for the whole
+# process, and the request's greenlets (inline reads) need the cooperative wait: so
+# the choice is made per thread, for the threads that asked for it.
+_waits_natively = native_thread_local()
+
+
+def psycopg_waits_natively_here() -> None:
+    """Let psycopg wait in C on the calling native thread (a store worker's start).
+
+    Does nothing unless psycopg chose a cooperative wait (gevent patched ``select``
+    before psycopg was imported) and has its C wait (psycopg-binary or psycopg-c).
+    """
+    try:
+        from psycopg import waiting
+    except ImportError:
+        return
+    wait_c = getattr(waiting, "wait_c", None)
+    if wait_c is None or waiting.wait is wait_c:
+        return
+    if not getattr(waiting.wait, "_chatkit_per_thread", False):
+        cooperative = waiting.wait
+
+        def wait(*args: Any, **kwargs: Any) -> Any:
+            if getattr(_waits_natively, "here", False):
+                return wait_c(*args, **kwargs)
+            return cooperative(*args, **kwargs)
+
+        wait._chatkit_per_thread = True  # type: ignore[attr-defined]
+        waiting.wait = wait
+    _waits_natively.here = True
 
 
 def engine_pool_capacity(engine: Engine) -> int:

@@ -82,7 +82,13 @@ from ..bridge.native import (
     settle_from_thread,
     start_native_thread,
 )
-from .schema import build_engine, build_tables, engine_pool_capacity, is_sqlite_memory
+from .schema import (
+    build_engine,
+    build_tables,
+    engine_pool_capacity,
+    is_sqlite_memory,
+    psycopg_waits_natively_here,
+)
 from .version import check as check_version
 from .version import read_version, record_version
 
@@ -533,7 +539,11 @@ class SQLAlchemyStore(Store[Any]):
         self._writer = _GroupWriter(self) if self._sqlite and not self._memory else None
         if self._writer is not None:
             workers = max(1, workers - 1)
-        self._pool: NativeThreadPool = NativeThreadPool(max_workers=workers, name="chatkit-store")
+        self._pool: NativeThreadPool = NativeThreadPool(
+            max_workers=workers,
+            name="chatkit-store",
+            on_start=psycopg_waits_natively_here if self.engine.driver == "psycopg" else None,
+        )
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking database work off the event loop, or right here without one.

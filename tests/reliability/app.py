@@ -7,7 +7,7 @@ counted), so a test can tell that cancelled streams left no task behind, and
 ``GET /_test/store/<user_id>/<thread_id>``: a thread's items straight from the
 store, hidden ones (the SDK's "stream cancelled" item) included, and
 ``GET /_test/lifecycle``: the worker's stop plan and collector settings
-(bridge/lifecycle.py). ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
+(bridge/lifecycle.py), and ``GET /_test/hubs``: how many gevent hubs the worker runs besides its own. ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
 collector thresholds before ``init_app``.
 Native thread counts are read from ``/proc/<pid>/status`` by the tests.
 """
@@ -78,5 +78,16 @@ def gunicorn_app() -> Flask:
                 "fits": plan.fits,
             },
         )
+
+    @app.get("/_test/hubs")
+    def hubs_probe() -> Any:
+        # gevent runs a hub on every native thread that ever waited through one of
+        # its patched calls (the store's threads, were psycopg to wait cooperatively).
+        import gevent
+        from gevent.hub import Hub
+
+        main = gevent.get_hub()
+        others = [o for o in gc.get_objects() if isinstance(o, Hub) and o is not main]
+        return jsonify(other_threads_hubs=len(others))
 
     return app
