@@ -180,8 +180,7 @@ def build_engine(url_or_str: str | URL, pool_size: int | None = None) -> Engine:
 # patches in place, a cooperative one (gevent's ``poll``), so that a query on a
 # greenlet lets the others run. The store's own threads are native threads, though:
 # there, gevent's ``poll`` runs a gevent hub per thread for every wait, where
-# psycopg's C wait would simply block that thread with the GIL released. On
-# PostgreSQL under gevent that cost a stream 13 % more CPU (figures:
+# psycopg's C wait would simply block that thread with the GIL released (figures:
 # ``docs/benchmarks.md``). ``PSYCOPG_WAIT_FUNC`` can only choose for the whole
 # process, and the request's greenlets (inline reads) need the cooperative wait: so
 # the choice is made per thread, for the threads that asked for it.
