@@ -8,6 +8,7 @@ contexts and gives them back exactly once: read to the end, or closed unread.
 from __future__ import annotations
 
 from flask import Flask, Response
+from flask.globals import _cv_app
 from flask.testing import FlaskClient
 
 from .helpers import login_as
@@ -57,7 +58,7 @@ def test_a_body_closed_unread_still_gives_the_contexts_back(
 
 
 def test_call_on_close_runs_once_after_the_stream(app: Flask, client: FlaskClient) -> None:
-    """The body is handed to the server as it is, yet the response's close callbacks run."""
+    """The response's close callbacks run once, when the stream ends, after its teardown."""
     torn = record_teardowns(app)
 
     @app.after_request
@@ -69,12 +70,23 @@ def test_call_on_close_runs_once_after_the_stream(app: Flask, client: FlaskClien
     torn.clear()
     response = client.post("/chatkit", json=create_request("words=3"))
     assert response.mimetype == "text/event-stream"
-    assert torn == []
     assert b"thread.created" in b"".join(response.response)
-    assert torn == ["request", "app", "closed"]  # after the stream and its teardown, once
-    response.close()
-    assert torn == ["request", "app", "closed"]
+    assert torn == ["request", "app", "closed"]  # at the stream's end, after its teardown
+    response.close()  # what the WSGI server does after the last write
+    assert torn == ["request", "app", "closed"]  # once
     unread = client.post("/chatkit", json=create_request("words=50 delay=0.05"))
     torn.clear()
     unread.close()  # a client gone before any byte
     assert torn == ["request", "app", "closed"]
+
+
+def test_a_response_dropped_unread_gives_the_contexts_back(app: Flask, client: FlaskClient) -> None:
+    """A test that never reads nor closes a stream leaves no context pushed behind it."""
+    torn = record_teardowns(app)
+    login_as(client, "alice")
+    torn.clear()
+    response = client.post("/chatkit", json=create_request("words=50 delay=0.05"))
+    assert torn == []
+    del response  # dropped: collected at once (no reference cycle holds the body)
+    assert torn == ["request", "app"]
+    assert _cv_app.get(None) is None

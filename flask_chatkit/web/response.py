@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from flask import Config, Request, Response, current_app, has_request_context, request
 from flask.globals import _cv_app, _cv_request
@@ -38,12 +39,12 @@ class ContextKeepingBody:
     Serve it with :func:`stream_response`.
     """
 
-    __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream", "response")
+    __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream", "on_close")
 
     def __init__(self, stream: Stream, rewrite: Callable[[bytes], bytes]) -> None:
         self._stream = stream
         self._rewrite = rewrite
-        self.response: Response | None = None  # closed last: its call_on_close callbacks
+        self.on_close: list[Callable[[], object]] = []  # the response's call_on_close
         self._app_ctx = _cv_app.get()
         self._request_ctx = _cv_request.get()
         # One more push of each: the view's own pops are then not the last ones.
@@ -57,8 +58,8 @@ class ContextKeepingBody:
             self._request_ctx.url_adapter = adapter
         self._closed = False
 
-    # An iterator that calls the stream's __next__ as a plain method: no generator
-    # level between gunicorn's write loop and the stream (see Stream.__next__).
+    # An iterator that calls the stream's __next__ as a plain method: no level between
+    # gunicorn's write loop and the stream's wait but this (see Stream.__next__).
     def __iter__(self) -> Iterator[bytes]:
         return self
 
@@ -68,6 +69,12 @@ class ContextKeepingBody:
         except BaseException:  # read to the end (a test client may never call close())
             self.close()
             raise
+
+    def __del__(self) -> None:
+        # Dropped unclosed (a test client's response never read): closed when collected,
+        # as a generator body would be, so the request's contexts do not stay pushed.
+        if not getattr(self, "_closed", True):
+            self.close()
 
     def close(self) -> None:
         if self._closed:
@@ -83,24 +90,36 @@ class ContextKeepingBody:
                 try:
                     self._app_ctx.pop()
                 finally:
-                    if self.response is not None:
-                        self.response.close()  # comes back here (closed), then its callbacks
+                    for callback in self.on_close:
+                        callback()
+
+
+class _StreamResponse(Response):
+    """An SSE response whose body goes to the WSGI server as it is.
+
+    ``direct_passthrough``: werkzeug would otherwise wrap the body in its encoding
+    generator and a ``ClosingIterator``, two more levels on the stack of every waiting
+    stream (see Stream.__next__). The server then closes the body, not the response,
+    so ``call_on_close`` callbacks are kept by the body and run by its ``close()``,
+    after the stream and its teardown. (The body holds the callbacks, not the
+    response: a body that held its response would be kept alive by a reference
+    cycle, and one never closed would then be closed at a random later moment.)
+    """
+
+    def __init__(self, body: ContextKeepingBody, headers: dict[str, str]) -> None:
+        super().__init__(
+            body, mimetype="text/event-stream", headers=headers, direct_passthrough=True
+        )
+        self._body = body
+
+    def call_on_close(self, func: Callable[[], Any]) -> Callable[[], Any]:
+        self._body.on_close.append(func)
+        return func
 
 
 def stream_response(body: ContextKeepingBody, headers: dict[str, str]) -> Response:
-    """The SSE response for ``body``, which the WSGI server iterates and closes itself.
-
-    ``direct_passthrough``: werkzeug hands the body to the server as it is, not wrapped
-    in its encoding generator and ``ClosingIterator`` (two levels less on the stack of
-    every waiting stream); the body closes the response, so ``call_on_close`` still
-    runs. A middleware that would buffer the body to compress it (Flask-Compress)
-    leaves a passthrough response alone.
-    """
-    response = Response(
-        body, mimetype="text/event-stream", headers=headers, direct_passthrough=True
-    )
-    body.response = response
-    return response
+    """The ``text/event-stream`` response for ``body``."""
+    return _StreamResponse(body, headers)
 
 
 def _base(settings: Settings, config: Config, current: Request | None) -> str:
