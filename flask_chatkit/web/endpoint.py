@@ -84,7 +84,7 @@ from ..storage.sql import SQLAlchemyStore
 from .checks import check_against_store, check_implemented, check_request
 from .observe import RequestObserver, count_error_response
 from .request_body import end_connection, parse_request, request_body, serialize_request
-from .response import ContextKeepingBody, stream_response, url_rewriter
+from .response import ContextKeepingBody, StreamResponse, url_rewriter
 from .security import apply_cors, check_origin, preflight_response
 
 logger = logging.getLogger("flask_chatkit")
@@ -255,7 +255,7 @@ def run_chatkit(
             release()
         raise
     observer.stream_started(first)
-    return stream_response(ContextKeepingBody(stream, rewrite), SSE_HEADERS)
+    return StreamResponse(ContextKeepingBody(stream, rewrite), SSE_HEADERS)
 
 
 def new_stream(

@@ -36,7 +36,7 @@ class ContextKeepingBody:
     """The WSGI iterable of a ChatKit stream; create it inside the view.
 
     ``rewrite`` is applied to each write (stored relative attachment URLs made absolute).
-    Serve it with :func:`stream_response`.
+    Serve it with :class:`StreamResponse`.
     """
 
     __slots__ = ("_app_ctx", "_closed", "_request_ctx", "_rewrite", "_stream", "on_close")
@@ -94,7 +94,7 @@ class ContextKeepingBody:
                         callback()
 
 
-class _StreamResponse(Response):
+class StreamResponse(Response):
     """An SSE response whose body goes to the WSGI server as it is.
 
     ``direct_passthrough``: werkzeug would otherwise wrap the body in its encoding
@@ -115,11 +115,6 @@ class _StreamResponse(Response):
     def call_on_close(self, func: Callable[[], Any]) -> Callable[[], Any]:
         self._body.on_close.append(func)
         return func
-
-
-def stream_response(body: ContextKeepingBody, headers: dict[str, str]) -> Response:
-    """The ``text/event-stream`` response for ``body``."""
-    return _StreamResponse(body, headers)
 
 
 def _base(settings: Settings, config: Config, current: Request | None) -> str:
