@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import gevent
 
-from .native import outcome_of, settle, settle_from_thread
+from .native import native_thread_id, outcome_of, settle, settle_from_thread
 
 T = TypeVar("T")
 logger = logging.getLogger("flask_chatkit")
@@ -33,15 +33,50 @@ __all__ = ["HubExecutor", "attach_hub", "hub_executor_for"]
 
 
 class HubExecutor(concurrent.futures.Executor):
-    """An executor whose jobs run as greenlets on one gevent hub, submitted from any thread."""
+    """An executor whose jobs run as greenlets on one gevent hub, submitted from any thread.
 
-    def __init__(self, hub: Any) -> None:
+    ``call_soon_on_loop`` is given when the loop itself is a greenlet on this hub
+    (:class:`~.hub_loop.HubLoop`): it queues a callback on the loop and ends the
+    loop's wait without asyncio's self-pipe, from any greenlet of the hub's thread.
+    """
+
+    def __init__(self, hub: Any, call_soon_on_loop: Callable[..., None] | None = None) -> None:
         self.hub = hub
+        self._call_soon_on_loop = call_soon_on_loop
         self._shutdown = False
+
+    @property
+    def loop_on_hub(self) -> bool:
+        """Whether the loop this executor serves runs as a greenlet on its hub."""
+        return self._call_soon_on_loop is not None
 
     def call_in_hub(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` as a callback in the hub's thread (safe from any thread)."""
-        self.hub.loop.run_callback_threadsafe(fn, *args)
+        if native_thread_id() == self.hub.thread_ident:
+            self.hub.loop.run_callback(fn, *args)
+        else:
+            self.hub.loop.run_callback_threadsafe(fn, *args)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Await ``fn(*args)`` run in a new greenlet on the hub, from the loop on that hub.
+
+        No thread is involved: the greenlet starts with a callback, and its outcome
+        reaches the loop through ``call_soon_on_loop``. Only for a loop that runs on
+        this hub (:attr:`loop_on_hub`), and only for work that waits cooperatively:
+        native blocking calls here would stall every request of the worker.
+        """
+        call_soon_on_loop = self._call_soon_on_loop
+        if call_soon_on_loop is None:
+            raise RuntimeError("HubExecutor.run needs the loop on the hub")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+
+        def job() -> None:
+            outcome = outcome_of(fn, *args)
+            if not future.done():  # cancelled meanwhile: nobody waits
+                call_soon_on_loop(settle, future, *outcome)
+
+        gevent.spawn_raw(job)
+        return await future
 
     def submit(
         self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
@@ -67,6 +102,8 @@ class HubExecutor(concurrent.futures.Executor):
             outcome = outcome_of(fn, *args, **kwargs)
             if loop is None:
                 settle(future, *outcome)
+            elif self._call_soon_on_loop is not None:  # the loop runs on this very thread
+                self._call_soon_on_loop(settle, future, *outcome)
             else:
                 settle_from_thread(loop, future, outcome)
 
@@ -84,9 +121,17 @@ _executors: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, HubExecutor] = 
 )
 
 
-def attach_hub(loop: asyncio.AbstractEventLoop, hub: Any) -> None:
-    """Send ``sync_to_async`` work from ``loop`` to greenlets on ``hub``."""
-    _executors[loop] = HubExecutor(hub)
+def attach_hub(
+    loop: asyncio.AbstractEventLoop,
+    hub: Any,
+    call_soon_on_loop: Callable[..., None] | None = None,
+) -> None:
+    """Send ``sync_to_async`` work from ``loop`` to greenlets on ``hub``.
+
+    ``call_soon_on_loop``: given when ``loop`` itself runs on ``hub`` (see
+    :class:`HubExecutor`).
+    """
+    _executors[loop] = HubExecutor(hub, call_soon_on_loop)
 
 
 def hub_executor_for(loop: asyncio.AbstractEventLoop) -> HubExecutor | None:

@@ -170,7 +170,8 @@ class HubLoop:
         self.loop.set_default_executor(NativeThreadPool(executor_workers, "chatkit-loop-executor"))
         hub = gevent.get_hub()
         self.thread_id = native_thread_id()
-        attach_hub(self.loop, hub)  # sync_to_async work runs in greenlets on this hub
+        # sync_to_async work, and PostgreSQL store calls, run in greenlets on this hub.
+        attach_hub(self.loop, hub, self._call_soon_from_hub)
         self.greenlet = gevent.spawn(self.loop.run_forever)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any, context: contextvars.Context) -> None:
@@ -179,3 +180,12 @@ class HubLoop:
             self.selector.wake()
         else:
             self.loop.call_soon_threadsafe(fn, *args, context=context)
+
+    def _call_soon_from_hub(self, fn: Callable[..., Any], *args: Any) -> None:
+        """``call_soon`` for a greenlet of the hub's thread, with no context to carry."""
+        self.loop.call_soon(fn, *args, context=_NO_CONTEXT)  # departure 2
+        self.selector.wake()
+
+
+# Outcomes settled on the loop (a future's result) read no context variable.
+_NO_CONTEXT = contextvars.Context()

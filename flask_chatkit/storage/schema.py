@@ -30,7 +30,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from ..bridge.native import native_thread_local
+from ..bridge.native import gevent_patched, native_thread_local
 
 __all__ = [
     "Tables",
@@ -211,6 +211,22 @@ def psycopg_waits_natively_here() -> None:
         wait._chatkit_per_thread = True  # type: ignore[attr-defined]
         waiting.wait = wait
     _waits_natively.here = True
+
+
+def psycopg_waits_cooperatively() -> bool:
+    """Whether psycopg waits through gevent on a thread that did not ask for C waits.
+
+    True when gevent patched ``select`` before psycopg was imported (gunicorn's
+    gevent worker patches first), unless ``PSYCOPG_WAIT_FUNC`` chose the C wait.
+    """
+    try:
+        from psycopg import waiting
+    except ImportError:
+        return False
+    wait = waiting.wait
+    if getattr(wait, "_chatkit_per_thread", False):
+        return True  # only ever installed over a cooperative wait
+    return wait is not getattr(waiting, "wait_c", None) and gevent_patched()
 
 
 def engine_pool_capacity(engine: Engine) -> int:

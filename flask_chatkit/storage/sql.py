@@ -74,6 +74,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from ..bridge.hub import HubExecutor, hub_executor_for
 from ..bridge.native import (
     NativeThreadPool,
     native_lock,
@@ -87,6 +88,7 @@ from .schema import (
     build_tables,
     engine_pool_capacity,
     is_sqlite_memory,
+    psycopg_waits_cooperatively,
     psycopg_waits_natively_here,
 )
 from .version import check as check_version
@@ -539,11 +541,16 @@ class SQLAlchemyStore(Store[Any]):
         self._writer = _GroupWriter(self) if self._sqlite and not self._memory else None
         if self._writer is not None:
             workers = max(1, workers - 1)
+        self._psycopg = self.engine.driver == "psycopg"
         self._pool: NativeThreadPool = NativeThreadPool(
             max_workers=workers,
             name="chatkit-store",
-            on_start=psycopg_waits_natively_here if self.engine.driver == "psycopg" else None,
+            on_start=psycopg_waits_natively_here if self._psycopg else None,
         )
+        # Store calls made as greenlets on the hub (_hub_for): at most as many at
+        # once as the pool has threads, one per connection the engine can hand out.
+        self._hub_slots: Any = None
+        self._hub_capacity = workers
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run blocking database work off the event loop, or right here without one.
@@ -561,7 +568,38 @@ class SQLAlchemyStore(Store[Any]):
             self._start_workers()
         if self._writer is not None and getattr(fn, "_chatkit_writes", False):
             return await self._writer.run(fn, *args)
+        hub = self._hub_for(asyncio.get_running_loop())
+        if hub is not None:
+            return await hub.run(self._in_hub_slot, fn, *args)
         return await self._pool.run(fn, *args)
+
+    def _hub_for(self, loop: asyncio.AbstractEventLoop) -> HubExecutor | None:
+        """The gevent hub to run a store call on as a greenlet, if not a native thread.
+
+        Under gevent with the loop on the hub (``CHATKIT_LOOP = "hub"``), and only
+        through psycopg (3) when it waits cooperatively. A native thread costs two
+        GIL hand-offs per call and, under a burst, waits for the GIL behind the busy
+        hub; a greenlet's query costs the hub only the query's own Python work.
+        Another driver (psycopg2 without psycogreen) would block the hub: threads.
+        """
+        if not self._psycopg:
+            return None
+        hub = hub_executor_for(loop)
+        if hub is None or not hub.loop_on_hub or not psycopg_waits_cooperatively():
+            return None
+        return hub
+
+    def _in_hub_slot(self, fn: Callable[..., T], *args: Any) -> T:
+        # More calls at once than the engine has connections would wait in
+        # SQLAlchemy's pool and fail after its pool_timeout; here they queue, as
+        # they do for the pool's threads.
+        slots = self._hub_slots
+        if slots is None:
+            from gevent.lock import Semaphore
+
+            slots = self._hub_slots = Semaphore(self._hub_capacity)
+        with slots:
+            return fn(*args)
 
     # -- plumbing -------------------------------------------------------------
     def owner_key(self, context: Any) -> str:

@@ -7,7 +7,8 @@ counted), so a test can tell that cancelled streams left no task behind, and
 ``GET /_test/store/<user_id>/<thread_id>``: a thread's items straight from the
 store, hidden ones (the SDK's "stream cancelled" item) included, and
 ``GET /_test/lifecycle``: the worker's stop plan and collector settings
-(bridge/lifecycle.py), and ``GET /_test/hubs``: how many gevent hubs the worker runs besides its own. ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
+(bridge/lifecycle.py), and ``GET /_test/hubs``: how many gevent hubs the worker runs besides its own, and
+how many threads the store's pool has started. ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
 collector thresholds before ``init_app``.
 Native thread counts are read from ``/proc/<pid>/status`` by the tests.
 """
@@ -88,6 +89,13 @@ def gunicorn_app() -> Flask:
 
         main = gevent.get_hub()
         others = [o for o in gc.get_objects() if isinstance(o, Hub) and o is not main]
-        return jsonify(other_threads_hubs=len(others))
+        # How many native threads the store's pool has started (its calls made on
+        # the hub as greenlets start none).
+        store = app.extensions["chatkit"].server.store
+        pool = getattr(getattr(store, "inner", store), "_pool", None)
+        return jsonify(
+            other_threads_hubs=len(others),
+            store_threads=pool._started if pool is not None else None,
+        )
 
     return app

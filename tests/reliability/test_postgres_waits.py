@@ -1,15 +1,19 @@
-"""On PostgreSQL under gevent, the store's own threads wait for psycopg in C.
+"""On PostgreSQL under gevent, store calls never block the worker's hub.
 
-With gevent's patches in place psycopg picks a cooperative wait for the whole
-process; on the store's native threads that ran a gevent hub per thread for every
-query. Those threads use psycopg's C wait instead (``storage/schema.py``), while the
-reads the view answers inline, on the request's greenlet, still wait cooperatively.
+With the loop on the hub (the default), the store's calls made from the loop run as
+greenlets on the hub, like the reads the view answers inline: psycopg waits
+cooperatively there, and no native thread is involved (``storage/sql.py``,
+``SQLAlchemyStore._hub_for``). With ``CHATKIT_LOOP = "thread"`` they run on the
+store's native threads, which wait for psycopg in C (``storage/schema.py``): with
+gevent's patches in place psycopg's own choice for the whole process would run a
+gevent hub per native thread for every query.
 """
 
 from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import requests
@@ -17,30 +21,90 @@ import requests
 from .conftest import create_thread, list_threads, login, serve
 
 
-def test_store_threads_wait_in_c_and_inline_reads_cooperatively(
+def _probe(url: str) -> dict[str, Any]:
+    response = requests.get(f"{url}/_test/hubs", timeout=10)
+    assert response.status_code == 200
+    return response.json()  # type: ignore[no-any-return]
+
+
+def _held_by_lock(dsn: str, url: str, work: Any) -> list[Any]:
+    """Run ``work()`` in a client thread while a lock holds the threads table: it must
+    wait, and the worker must still answer another request meanwhile."""
+    done: list[Any] = []
+    with psycopg.connect(dsn) as lock:
+        lock.execute("LOCK TABLE chatkit_threads IN ACCESS EXCLUSIVE MODE")
+        client = threading.Thread(target=lambda: done.append(work()))
+        client.start()
+        client.join(1.0)
+        assert client.is_alive()  # held by the lock
+        probe = requests.get(f"{url}/_test/lifecycle", timeout=5)
+        assert probe.status_code == 200
+        lock.rollback()  # releases the lock
+    client.join(15)
+    assert not client.is_alive()
+    return done
+
+
+def test_store_calls_run_on_the_hub_and_wait_cooperatively(
     tmp_path: Path, shared_pg_url: str
 ) -> None:
+    dsn = shared_pg_url.replace("postgresql+psycopg://", "postgresql://")
     with serve(tmp_path, database_url=shared_pg_url, worker_class="gevent") as server:
         session = login(server.url, "ann")
+        for n in range(3):
+            create_thread(session, server.url, f"hello {n} words=3")
+        # Every store call of those streams ran on the hub: no native thread started.
+        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0}
+
+        # A stream whose first write (the new thread) waits for the lock, on a
+        # greenlet of the hub: the worker answers other requests meanwhile.
+        created = _held_by_lock(
+            dsn, server.url, lambda: create_thread(session, server.url, "held words=3")
+        )
+        thread_id, events = created[0]
+        assert any(e.get("type") == "thread.created" for e in events)
+        assert events[-1].get("type") == "thread.item.done", events[-1]
+
+        # A threads.list answered on the request's greenlet, held the same way.
+        listed = _held_by_lock(dsn, server.url, lambda: list_threads(session, server.url))
+        assert thread_id in {t["id"] for t in listed[0]}
+        assert len(listed[0]) == 4
+        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0}
+
+
+def test_with_the_loop_on_a_thread_store_threads_wait_in_c(
+    tmp_path: Path, shared_pg_url: str
+) -> None:
+    with serve(
+        tmp_path,
+        database_url=shared_pg_url,
+        worker_class="gevent",
+        env={"CHATKIT_LOOP": "thread"},
+    ) as server:
+        session = login(server.url, "bob")
         for n in range(3):  # the writes of each stream run on the store's threads
             create_thread(session, server.url, f"hello {n} words=3")
-        assert requests.get(f"{server.url}/_test/hubs", timeout=10).json() == {"other_threads_hubs": 0}
+        probe = _probe(server.url)
+        assert probe["store_threads"] >= 1
+        assert probe["other_threads_hubs"] == 0
 
-        # A threads.list answered on the request's greenlet, held by a table lock:
-        # while it waits, the same worker still answers other requests.
-        dsn = shared_pg_url.replace("postgresql+psycopg://", "postgresql://")
-        with psycopg.connect(dsn) as lock:
-            lock.execute("LOCK TABLE chatkit_threads IN ACCESS EXCLUSIVE MODE")
-            listed: list[int] = []
-            reader = threading.Thread(
-                target=lambda: listed.append(len(list_threads(session, server.url))),
-            )
-            reader.start()
-            reader.join(1.0)
-            assert reader.is_alive()  # held by the lock
-            probe = requests.get(f"{server.url}/_test/lifecycle", timeout=5)
-            assert probe.status_code == 200
-            lock.rollback()  # releases the lock
-        reader.join(15)
-        assert listed == [3]
-        assert requests.get(f"{server.url}/_test/hubs", timeout=10).json() == {"other_threads_hubs": 0}
+
+def test_a_blocking_psycopg_wait_keeps_store_calls_off_the_hub(
+    tmp_path: Path, shared_pg_url: str
+) -> None:
+    # PSYCOPG_WAIT_FUNC=wait_c: psycopg's waits block the native thread, so the
+    # loop's store calls must go to the store's threads, never to the hub.
+    dsn = shared_pg_url.replace("postgresql+psycopg://", "postgresql://")
+    with serve(
+        tmp_path,
+        database_url=shared_pg_url,
+        worker_class="gevent",
+        env={"PSYCOPG_WAIT_FUNC": "wait_c"},
+    ) as server:
+        session = login(server.url, "cid")
+        create_thread(session, server.url, "first words=3")  # creates the tables
+        created = _held_by_lock(
+            dsn, server.url, lambda: create_thread(session, server.url, "held words=3")
+        )
+        assert any(e.get("type") == "thread.created" for e in created[0][1])
+        assert _probe(server.url)["store_threads"] >= 1
