@@ -4,11 +4,15 @@ Under a gevent worker the hub lives in the main thread; the asyncio loop is a
 greenlet on it, or with ``CHATKIT_LOOP = "thread"`` a native thread (see
 :mod:`.loop`). Blocking-but-cooperative code (patched sockets, ``time.sleep``,
 psycopg >= 3.1.14) belongs on the hub: one greenlet per call, thousands at once.
-:class:`HubExecutor` spawns that greenlet through the hub's
-``run_callback_threadsafe`` (the one gevent call that is also safe from a foreign
-thread) and settles the result on the asyncio loop with ``call_soon_threadsafe``,
-so the ``concurrent.futures.Future`` is only ever touched by the loop's own code
-(gevent's patched locks inside it must not be contended across threads).
+``sync_to_async`` sends its calls here, and on PostgreSQL so does the store.
+
+:class:`HubExecutor` spawns that greenlet with the hub's ``run_callback`` (its
+thread-safe variant from a foreign thread, the one gevent call that is safe there)
+and settles the result on the asyncio loop: with ``call_soon_threadsafe`` when the
+loop runs on another thread, so the ``concurrent.futures.Future`` is only ever
+touched by the loop's own code (gevent's patched locks inside it must not be
+contended across threads); with the loop's own same-thread hand-over when the loop
+is a greenlet on this hub (no self-pipe).
 
 Imports nothing of Flask.
 """
