@@ -49,6 +49,7 @@ from datetime import datetime, timezone
 from functools import cache, cached_property, lru_cache
 from typing import Any, TypeVar
 
+import greenlet
 from chatkit.store import NotFoundError, Store, StoreItemType, default_generate_id
 from chatkit.types import Attachment, Page, ThreadItem, ThreadMetadata
 from pydantic import TypeAdapter
@@ -77,13 +78,15 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from ..bridge.hub import HubExecutor, hub_executor_for
 from ..bridge.native import (
     NativeThreadPool,
+    Outcome,
     native_lock,
-    native_thread_id,
     outcome_of,
+    settle,
     settle_from_thread,
     start_native_thread,
 )
 from .schema import (
+    SQLITE_BUSY_TIMEOUT_MS,
     build_engine,
     build_tables,
     engine_pool_capacity,
@@ -101,6 +104,12 @@ K = TypeVar("K", bound=Hashable)
 logger = logging.getLogger("flask_chatkit")
 _CHUNK = 500
 DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
+
+
+def _loop_on_hub(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` is a greenlet on the gevent hub of the calling thread."""
+    hub = hub_executor_for(loop)
+    return hub is not None and hub.loop_on_hub
 
 
 def _loop_running() -> bool:
@@ -378,7 +387,7 @@ def _writes(fn: Callable[..., T]) -> Callable[..., T]:
 
 
 class _GroupWriter:
-    """One native thread that commits every SQLite write queued meanwhile in one transaction.
+    """Commits every SQLite write queued meanwhile in one transaction.
 
     SQLite has one writer at a time. Several store threads each committing their own
     write take turns on the database lock, and a thread that finds it taken sleeps in
@@ -389,38 +398,69 @@ class _GroupWriter:
     if that COMMIT fails, every write of the group fails with it. Work that must wait
     for the commit (deleting files of removed rows) runs after it on a reader thread,
     and its write's caller is answered once that work is done.
+
+    Groups run in one of two places:
+
+    - :meth:`run`: on a native thread of its own, started with the first write.
+    - :meth:`run_on_loop`: on the loop itself, when the loop is a greenlet on the
+      gevent hub. A native thread there would wait for the GIL behind the busy hub at
+      every SQLite call (the ``sqlite3`` module lets the GIL go around each one), and
+      the group's Python work costs the hub's thread the same either way. The loop's
+      connection never sleeps in SQLite's busy handler (that would stall the hub):
+      a group that finds the database locked by another process is retried with
+      ``call_later``, up to the same busy timeout. Its commits do not checkpoint the
+      WAL either (the checkpoint's writes and ``fsync`` would stall the hub too): a
+      reader thread runs a passive checkpoint at most once a second instead.
     """
 
     def __init__(self, store: SQLAlchemyStore) -> None:
         self._store = store
-        self._jobs: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
-        self.thread_id: int | None = None  # the writer's native thread, once started
         self.conn: Connection | None = None  # the group's connection, while one runs
+        self._runner: Any = None  # the greenlet (or thread) running the group's writes
         self.after_commit: list[Callable[[], None]] = []
+        # On a native thread of its own.
+        self._jobs: _queue.SimpleQueue[Any] = _queue.SimpleQueue()
         self._start_lock = native_lock()
-        self._started = False  # the thread starts with the first write, not at construction
+        self.thread_started = False  # the thread starts with the first write, if ever
+        # On the loop.
+        self._loop_jobs: list[Any] = []
+        self._loop_conn: Connection | None = None
+        self._flush: asyncio.Handle | None = None  # the loop's next group, if scheduled
+        self._last_checkpoint = time.monotonic()
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        if not self._started:
+        if not self.thread_started:
             with self._start_lock:
-                if not self._started:
+                if not self.thread_started:
                     start_native_thread(self._serve)
-                    self._started = True
+                    self.thread_started = True
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._jobs.put((loop, future, fn, args))
         return await future
 
+    async def run_on_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._loop_jobs.append((loop, future, fn, args))
+        if self._flush is None:  # writes queued before it runs join the group
+            self._flush = loop.call_soon(self._commit_on_loop, loop, 0.0)
+        return await future
+
     def stop(self) -> None:
         self._jobs.put(_STOP)
+        if self._loop_conn is not None:
+            # Its pragmas are the loop's own: never hand it back to the pool.
+            self._loop_conn.invalidate()
+            self._loop_conn = None
 
     def group_conn(self) -> Connection | None:
         """The group's connection when called by a write the group is running, else None."""
         conn = self.conn
-        return conn if conn is not None and self.thread_id == native_thread_id() else None
+        return conn if conn is not None and self._runner is greenlet.getcurrent() else None
 
+    # -- on a native thread ---------------------------------------------------
     def _serve(self) -> None:
-        self.thread_id = native_thread_id()
         while True:
             job = self._jobs.get()
             if job is _STOP:
@@ -435,28 +475,75 @@ class _GroupWriter:
                     self._jobs.put(_STOP)  # after this group
                     break
                 group.append(job)
-            self._commit(group)
+            try:
+                with self._store.engine.connect() as conn:
+                    done = self._commit(conn, group)
+            except BaseException as exc:  # the COMMIT (or BEGIN) failed: nothing is stored
+                done = _failed(group, exc)
+            self._answer(group, done, on_loop=False)
 
-    def _commit(self, group: list[Any]) -> None:
-        outcomes: list[tuple[bool, Any]] = []
-        actions: list[list[Callable[[], None]]] = []  # per write: its work after the commit
+    # -- on the loop ----------------------------------------------------------
+    def _commit_on_loop(self, loop: asyncio.AbstractEventLoop, waited: float) -> None:
+        self._flush = None
+        group = self._loop_jobs[:MAX_GROUP]
         try:
-            with self._store.engine.begin() as conn:
+            done = self._commit(self._loop_connection(), group)
+        except _DatabaseLocked as locked:
+            if waited < SQLITE_BUSY_TIMEOUT_MS / 1000:  # nothing ran: try again soon
+                delay = min(0.002 + waited / 2, 0.1)
+                self._flush = loop.call_later(delay, self._commit_on_loop, loop, waited + delay)
+                return
+            done = _failed(group, locked)
+        except BaseException as exc:
+            done = _failed(group, exc)
+        del self._loop_jobs[: len(group)]
+        if self._loop_jobs:
+            self._flush = loop.call_soon(self._commit_on_loop, loop, 0.0)
+        self._answer(group, done, on_loop=True)
+        now = time.monotonic()
+        if now - self._last_checkpoint >= 1.0:
+            self._last_checkpoint = now
+            with contextlib.suppress(RuntimeError):  # the pool is shut down
+                self._store._pool.submit(self._store._checkpoint_wal)
+
+    def _loop_connection(self) -> Connection:
+        conn = self._loop_conn
+        if conn is None or conn.invalidated or conn.closed:
+            conn = self._store.engine.connect()
+            conn.exec_driver_sql("PRAGMA busy_timeout=0")
+            conn.exec_driver_sql("PRAGMA wal_autocheckpoint=0")
+            conn.commit()  # ends SQLAlchemy's autobegun transaction (pragmas stay set)
+            self._loop_conn = conn
+        return conn
+
+    # -- either ---------------------------------------------------------------
+    def _commit(self, conn: Connection, group: list[Any]) -> list[tuple[Outcome, list[Any]]]:
+        """Run the group's writes in one transaction on ``conn``: each write's outcome
+        and its work after the commit. Raises if BEGIN or COMMIT fails
+        (:class:`_DatabaseLocked` if BEGIN found the database locked)."""
+        done: list[tuple[Outcome, list[Any]]] = []
+        with conn.begin():
+            try:
                 conn.exec_driver_sql("BEGIN IMMEDIATE")
-                self.conn = conn
-                try:
-                    # Each write's own _tx() is a SAVEPOINT of this transaction.
-                    for _, _, fn, args in group:
-                        self.after_commit = []
-                        outcomes.append(outcome_of(fn, *args))
-                        actions.append(self.after_commit)
-                finally:
-                    self.conn = None
+            except DBAPIError as exc:
+                if "locked" in str(exc.orig) or "busy" in str(exc.orig):
+                    raise _DatabaseLocked from exc
+                raise
+            self.conn, self._runner = conn, greenlet.getcurrent()
+            try:
+                # Each write's own _tx() is a SAVEPOINT of this transaction.
+                for _, _, fn, args in group:
                     self.after_commit = []
-        except BaseException as exc:  # the COMMIT (or BEGIN) failed: nothing is stored
-            outcomes = [(False, exc)] * len(group)
-            actions = [[] for _ in group]
-        for job, outcome, after in zip(group, outcomes, actions, strict=True):
+                    done.append((outcome_of(fn, *args), self.after_commit))
+            finally:
+                self.conn, self._runner = None, None
+                self.after_commit = []
+        return done
+
+    def _answer(
+        self, group: list[Any], done: list[tuple[Outcome, list[Any]]], *, on_loop: bool
+    ) -> None:
+        for job, (outcome, after) in zip(group, done, strict=True):
             if after:
                 # Blob deletes talk to a second service (S3 may be slow or down): on a
                 # reader thread, so the writer goes on committing; the write's caller
@@ -465,8 +552,20 @@ class _GroupWriter:
                     self._store._pool.submit(_run_then_settle, after, job, outcome)
                 except RuntimeError:  # the pool is shut down (the store is closing)
                     _run_then_settle(after, job, outcome)
+            elif on_loop:
+                settle(job[1], *outcome)
             else:
                 settle_from_thread(job[0], job[1], outcome)
+
+
+class _DatabaseLocked(Exception):
+    """``BEGIN IMMEDIATE`` found the database locked by another connection."""
+
+
+def _failed(group: list[Any], exc: BaseException) -> list[tuple[Outcome, list[Any]]]:
+    if isinstance(exc, _DatabaseLocked) and exc.__cause__ is not None:
+        exc = exc.__cause__  # the driver's own "database is locked"
+    return [((False, exc), []) for _ in group]
 
 
 def _run_then_settle(
@@ -566,12 +665,26 @@ class SQLAlchemyStore(Store[Any]):
         if self._pid != os.getpid():  # forked (e.g. gunicorn): the workers stayed behind
             self.engine.dispose(close=False)  # the parent's connections are not ours
             self._start_workers()
-        if self._writer is not None and getattr(fn, "_chatkit_writes", False):
-            return await self._writer.run(fn, *args)
-        hub = self._hub_for(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
+        writer = self._writer
+        if writer is not None:  # a SQLite file
+            writes = getattr(fn, "_chatkit_writes", False)
+            if _loop_on_hub(loop):
+                # The loop is the hub's own greenlet: SQLite answers here, in C,
+                # with no lock to wait for on a read (WAL) and none on a write but
+                # the one the group writer waits for without blocking.
+                return await writer.run_on_loop(fn, *args) if writes else fn(*args)
+            if writes:
+                return await writer.run(fn, *args)
+        hub = self._hub_for(loop)
         if hub is not None:
             return await hub.run(self._in_hub_slot, fn, *args)
         return await self._pool.run(fn, *args)
+
+    def _checkpoint_wal(self) -> None:
+        """Copy the WAL's committed pages into the database file, waiting for no one."""
+        with self.engine.connect() as conn:
+            conn.exec_driver_sql("PRAGMA wal_checkpoint(PASSIVE)")
 
     def _hub_for(self, loop: asyncio.AbstractEventLoop) -> HubExecutor | None:
         """The gevent hub to run a store call on as a greenlet, if not a native thread.

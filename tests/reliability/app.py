@@ -7,8 +7,9 @@ counted), so a test can tell that cancelled streams left no task behind, and
 ``GET /_test/store/<user_id>/<thread_id>``: a thread's items straight from the
 store, hidden ones (the SDK's "stream cancelled" item) included, and
 ``GET /_test/lifecycle``: the worker's stop plan and collector settings
-(bridge/lifecycle.py), and ``GET /_test/hubs``: how many gevent hubs the worker runs besides its own, and
-how many threads the store's pool has started. ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
+(bridge/lifecycle.py), and ``GET /_test/hubs``: how many gevent hubs the worker
+runs besides its own, how many threads the store's pool has started, and whether
+a SQLite file's group writer started its thread. ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
 collector thresholds before ``init_app``.
 Native thread counts are read from ``/proc/<pid>/status`` by the tests.
 """
@@ -92,10 +93,13 @@ def gunicorn_app() -> Flask:
         # How many native threads the store's pool has started (its calls made on
         # the hub as greenlets start none).
         store = app.extensions["chatkit"].server.store
-        pool = getattr(getattr(store, "inner", store), "_pool", None)
+        store = getattr(store, "inner", store)
+        pool = getattr(store, "_pool", None)
+        writer = getattr(store, "_writer", None)  # a SQLite file's group writer
         return jsonify(
             other_threads_hubs=len(others),
             store_threads=pool._started if pool is not None else None,
+            writer_thread=writer.thread_started if writer is not None else None,
         )
 
     return app

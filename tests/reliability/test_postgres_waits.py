@@ -54,7 +54,7 @@ def test_store_calls_run_on_the_hub_and_wait_cooperatively(
         for n in range(3):
             create_thread(session, server.url, f"hello {n} words=3")
         # Every store call of those streams ran on the hub: no native thread started.
-        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0}
+        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0, "writer_thread": None}
 
         # A stream whose first write (the new thread) waits for the lock, on a
         # greenlet of the hub: the worker answers other requests meanwhile.
@@ -69,7 +69,7 @@ def test_store_calls_run_on_the_hub_and_wait_cooperatively(
         listed = _held_by_lock(dsn, server.url, lambda: list_threads(session, server.url))
         assert thread_id in {t["id"] for t in listed[0]}
         assert len(listed[0]) == 4
-        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0}
+        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0, "writer_thread": None}
 
 
 def test_with_the_loop_on_a_thread_store_threads_wait_in_c(
