@@ -9,6 +9,8 @@ original value, naive or aware, lives in the JSON ``payload``.
 
 from __future__ import annotations
 
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -210,7 +212,33 @@ def psycopg_waits_natively_here() -> None:
 
         wait._chatkit_per_thread = True  # type: ignore[attr-defined]
         waiting.wait = wait
+    if not getattr(waiting.wait_conn, "_chatkit_per_thread", False):
+        # Connecting waits through ``wait_conn``, a loop over the ``DefaultSelector``
+        # psycopg imported (gevent's): the same, on the selector gevent replaced.
+        cooperative_conn = waiting.wait_conn
+        native_conn = _with_native_selector(cooperative_conn)
+
+        def wait_conn(*args: Any, **kwargs: Any) -> Any:
+            if getattr(_waits_natively, "here", False):
+                return native_conn(*args, **kwargs)
+            return cooperative_conn(*args, **kwargs)
+
+        wait_conn._chatkit_per_thread = True  # type: ignore[attr-defined]
+        waiting.wait_conn = wait_conn
     _waits_natively.here = True
+
+
+def _with_native_selector(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a function of ``psycopg.waiting``) seeing the selector gevent replaced."""
+    from gevent import monkey
+
+    original = monkey.get_original("selectors", "DefaultSelector")
+    if fn.__globals__.get("DefaultSelector", original) is original:
+        return fn
+    names = {**fn.__globals__, "DefaultSelector": original}
+    native = types.FunctionType(fn.__code__, names, fn.__name__, fn.__defaults__, fn.__closure__)
+    native.__kwdefaults__ = fn.__kwdefaults__
+    return native
 
 
 def psycopg_waits_cooperatively() -> bool:

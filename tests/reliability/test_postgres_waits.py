@@ -82,8 +82,17 @@ def test_with_the_loop_on_a_thread_store_threads_wait_in_c(
         env={"CHATKIT_LOOP": "thread"},
     ) as server:
         session = login(server.url, "bob")
-        for n in range(3):  # the writes of each stream run on the store's threads
-            create_thread(session, server.url, f"hello {n} words=3")
+        # At once, so that the engine's pool connects from several store threads
+        # (connecting waits too, through psycopg's wait_conn).
+        clients = [
+            threading.Thread(target=create_thread, args=(session, server.url, f"hello {n} words=3"))
+            for n in range(8)
+        ]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(30)
+        assert len(list_threads(session, server.url)) == 8
         probe = _probe(server.url)
         assert probe["store_threads"] >= 1
         assert probe["other_threads_hubs"] == 0
