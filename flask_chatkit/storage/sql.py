@@ -652,12 +652,14 @@ class SQLAlchemyStore(Store[Any]):
         self._hub_capacity = workers
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run blocking database work off the event loop, or right here without one.
+        """Run blocking database work where it never stalls the loop's other tasks.
 
-        On a running loop the work goes to a worker thread, so a database round trip
-        never stalls the loop's other tasks. Driven with no loop running (the Flask
-        view answers store reads on the request's own greenlet or thread), there is
-        nothing to stall: the work runs here, and the call costs no thread hand-off.
+        Driven with no loop running (the Flask view answers store reads on the
+        request's own greenlet or thread), there is nothing to stall: the work runs
+        here, and the call costs no thread hand-off. On a loop that is a greenlet on
+        the gevent hub, SQLite answers on the loop (writes through the group writer's
+        :meth:`~_GroupWriter.run_on_loop`) and psycopg in a greenlet (:meth:`_hub_for`).
+        Otherwise the work goes to a worker thread (SQLite writes to the group writer's).
         """
         if not _loop_running():
             with self._guard:  # the in-memory database's one connection
