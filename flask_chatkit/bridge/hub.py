@@ -49,11 +49,6 @@ class HubExecutor(concurrent.futures.Executor):
         self._call_soon_on_loop = call_soon_on_loop
         self._shutdown = False
 
-    @property
-    def loop_on_hub(self) -> bool:
-        """Whether the loop this executor serves runs as a greenlet on its hub."""
-        return self._call_soon_on_loop is not None
-
     def call_in_hub(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run ``fn(*args)`` as a callback in the hub's thread (safe from any thread)."""
         if native_thread_id() == self.hub.thread_ident:
@@ -66,7 +61,7 @@ class HubExecutor(concurrent.futures.Executor):
 
         No thread is involved: the greenlet starts with a callback, and its outcome
         reaches the loop through ``call_soon_on_loop``. Only for a loop that runs on
-        this hub (:attr:`loop_on_hub`), and only for work that waits cooperatively:
+        this hub (a :class:`~.hub_loop.HubEventLoop`), and only for work that waits cooperatively:
         native blocking calls here would stall every request of the worker.
         """
         call_soon_on_loop = self._call_soon_on_loop
@@ -129,13 +124,14 @@ def attach_hub(
     loop: asyncio.AbstractEventLoop,
     hub: Any,
     call_soon_on_loop: Callable[..., None] | None = None,
-) -> None:
+) -> HubExecutor:
     """Send ``sync_to_async`` work from ``loop`` to greenlets on ``hub``.
 
     ``call_soon_on_loop``: given when ``loop`` itself runs on ``hub`` (see
     :class:`HubExecutor`).
     """
-    _executors[loop] = HubExecutor(hub, call_soon_on_loop)
+    executor = _executors[loop] = HubExecutor(hub, call_soon_on_loop)
+    return executor
 
 
 def hub_executor_for(loop: asyncio.AbstractEventLoop) -> HubExecutor | None:

@@ -38,10 +38,10 @@ from typing import Any
 import gevent
 from gevent.hub import Waiter
 
-from .hub import attach_hub
+from .hub import HubExecutor, attach_hub
 from .native import NativeThreadPool, native_thread_id
 
-__all__ = ["HubLoop", "HubSelector"]
+__all__ = ["HubEventLoop", "HubLoop", "HubSelector"]
 
 
 _EV_READ, _EV_WRITE = 1, 2  # libev's flags, as gevent's io watchers take them
@@ -159,19 +159,30 @@ class HubSelector(selectors._BaseSelectorImpl):
                 timer.close()
 
 
+class HubEventLoop(asyncio.SelectorEventLoop):
+    """asyncio's selector loop on a :class:`HubSelector`.
+
+    ``hub`` runs sync work in greenlets on the same hub (``sync_to_async``, the
+    store's PostgreSQL calls); code that must know whether the running loop is on
+    the hub asks ``isinstance(loop, HubEventLoop)``.
+    """
+
+    hub: HubExecutor
+
+
 class HubLoop:
     """An asyncio loop running forever in a greenlet of the calling thread's hub."""
 
     def __init__(self, executor_workers: int) -> None:
         self.selector = HubSelector()
-        self.loop = asyncio.SelectorEventLoop(self.selector)
+        self.loop = HubEventLoop(self.selector)
         self.selector.loop = self.loop
         # asyncio.to_thread / getaddrinfo need threads that really run in parallel.
         self.loop.set_default_executor(NativeThreadPool(executor_workers, "chatkit-loop-executor"))
         hub = gevent.get_hub()
         self.thread_id = native_thread_id()
         # sync_to_async work, and PostgreSQL store calls, run in greenlets on this hub.
-        attach_hub(self.loop, hub, self._call_soon_from_hub)
+        self.loop.hub = attach_hub(self.loop, hub, self._call_soon_from_hub)
         self.greenlet = gevent.spawn(self.loop.run_forever)
 
     def call_soon(self, fn: Callable[..., Any], *args: Any, context: contextvars.Context) -> None:

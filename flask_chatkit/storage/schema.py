@@ -203,29 +203,27 @@ def psycopg_waits_natively_here() -> None:
     if wait_c is None or waiting.wait is wait_c:
         return
     if not getattr(waiting.wait, "_chatkit_per_thread", False):
-        cooperative = waiting.wait
-
-        def wait(*args: Any, **kwargs: Any) -> Any:
-            if getattr(_waits_natively, "here", False):
-                return wait_c(*args, **kwargs)
-            return cooperative(*args, **kwargs)
-
-        wait._chatkit_per_thread = True  # type: ignore[attr-defined]
-        waiting.wait = wait
+        waiting.wait = _per_thread(native=wait_c, cooperative=waiting.wait)
     if not getattr(waiting.wait_conn, "_chatkit_per_thread", False):
         # Connecting waits through ``wait_conn``, a loop over the ``DefaultSelector``
         # psycopg imported (gevent's): the same, on the selector gevent replaced.
         cooperative_conn = waiting.wait_conn
-        native_conn = _with_native_selector(cooperative_conn)
-
-        def wait_conn(*args: Any, **kwargs: Any) -> Any:
-            if getattr(_waits_natively, "here", False):
-                return native_conn(*args, **kwargs)
-            return cooperative_conn(*args, **kwargs)
-
-        wait_conn._chatkit_per_thread = True  # type: ignore[attr-defined]
-        waiting.wait_conn = wait_conn
+        waiting.wait_conn = _per_thread(
+            native=_with_native_selector(cooperative_conn), cooperative=cooperative_conn
+        )
     _waits_natively.here = True
+
+
+def _per_thread(native: Callable[..., Any], cooperative: Callable[..., Any]) -> Callable[..., Any]:
+    """A wait that is ``native`` on threads that asked for it, else ``cooperative``."""
+
+    def wait(*args: Any, **kwargs: Any) -> Any:
+        if getattr(_waits_natively, "here", False):
+            return native(*args, **kwargs)
+        return cooperative(*args, **kwargs)
+
+    wait._chatkit_per_thread = True  # type: ignore[attr-defined]
+    return wait
 
 
 def _with_native_selector(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -75,7 +75,8 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from ..bridge.hub import HubExecutor, hub_executor_for
+from ..bridge.hub import HubExecutor
+from ..bridge.hub_loop import HubEventLoop
 from ..bridge.native import (
     NativeThreadPool,
     Outcome,
@@ -104,12 +105,6 @@ K = TypeVar("K", bound=Hashable)
 logger = logging.getLogger("flask_chatkit")
 _CHUNK = 500
 DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
-
-
-def _loop_on_hub(loop: asyncio.AbstractEventLoop) -> bool:
-    """Whether ``loop`` is a greenlet on the gevent hub of the calling thread."""
-    hub = hub_executor_for(loop)
-    return hub is not None and hub.loop_on_hub
 
 
 def _loop_running() -> bool:
@@ -671,7 +666,7 @@ class SQLAlchemyStore(Store[Any]):
         writer = self._writer
         if writer is not None:  # a SQLite file
             writes = getattr(fn, "_chatkit_writes", False)
-            if _loop_on_hub(loop):
+            if isinstance(loop, HubEventLoop):
                 # The loop is the hub's own greenlet: SQLite answers here, in C,
                 # with no lock to wait for on a read (WAL) and none on a write but
                 # the one the group writer waits for without blocking.
@@ -697,12 +692,9 @@ class SQLAlchemyStore(Store[Any]):
         hub; a greenlet's query costs the hub only the query's own Python work.
         Another driver (psycopg2 without psycogreen) would block the hub: threads.
         """
-        if not self._psycopg:
+        if not self._psycopg or not isinstance(loop, HubEventLoop):
             return None
-        hub = hub_executor_for(loop)
-        if hub is None or not hub.loop_on_hub or not psycopg_waits_cooperatively():
-            return None
-        return hub
+        return loop.hub if psycopg_waits_cooperatively() else None
 
     def _in_hub_slot(self, fn: Callable[..., T], *args: Any) -> T:
         # More calls at once than the engine has connections would wait in

@@ -45,11 +45,15 @@ def _held_by_lock(dsn: str, url: str, work: Any) -> list[Any]:
     return done
 
 
+def _serve_gevent(tmp_path: Path, pg_url: str, **env: str) -> Any:
+    return serve(tmp_path, database_url=pg_url, worker_class="gevent", env=env)
+
+
 def test_store_calls_run_on_the_hub_and_wait_cooperatively(
     tmp_path: Path, shared_pg_url: str
 ) -> None:
     dsn = shared_pg_url.replace("postgresql+psycopg://", "postgresql://")
-    with serve(tmp_path, database_url=shared_pg_url, worker_class="gevent") as server:
+    with _serve_gevent(tmp_path, shared_pg_url) as server:
         session = login(server.url, "ann")
         for n in range(3):
             create_thread(session, server.url, f"hello {n} words=3")
@@ -75,12 +79,7 @@ def test_store_calls_run_on_the_hub_and_wait_cooperatively(
 def test_with_the_loop_on_a_thread_store_threads_wait_in_c(
     tmp_path: Path, shared_pg_url: str
 ) -> None:
-    with serve(
-        tmp_path,
-        database_url=shared_pg_url,
-        worker_class="gevent",
-        env={"CHATKIT_LOOP": "thread"},
-    ) as server:
+    with _serve_gevent(tmp_path, shared_pg_url, CHATKIT_LOOP="thread") as server:
         session = login(server.url, "bob")
         # At once, so that the engine's pool connects from several store threads
         # (connecting waits too, through psycopg's wait_conn).
@@ -104,12 +103,7 @@ def test_a_blocking_psycopg_wait_keeps_store_calls_off_the_hub(
     # PSYCOPG_WAIT_FUNC=wait_c: psycopg's waits block the native thread, so the
     # loop's store calls must go to the store's threads, never to the hub.
     dsn = shared_pg_url.replace("postgresql+psycopg://", "postgresql://")
-    with serve(
-        tmp_path,
-        database_url=shared_pg_url,
-        worker_class="gevent",
-        env={"PSYCOPG_WAIT_FUNC": "wait_c"},
-    ) as server:
+    with _serve_gevent(tmp_path, shared_pg_url, PSYCOPG_WAIT_FUNC="wait_c") as server:
         session = login(server.url, "cid")
         create_thread(session, server.url, "first words=3")  # creates the tables
         created = _held_by_lock(
