@@ -15,7 +15,7 @@ import pytest
 from chatkit.types import AssistantMessageContent, AssistantMessageItem, ThreadMetadata
 from sqlalchemy import event
 
-from flask_chatkit.storage.sql import DuplicateIdError, SQLAlchemyStore
+from flask_chatkit.storage.sql import DuplicateIdError, SQLAlchemyStore, _writes
 
 ALICE = SimpleNamespace(user_id="alice")
 T0 = datetime(2024, 5, 1, 12, 0, 0)
@@ -87,6 +87,31 @@ def test_a_failing_write_fails_alone(store: SQLAlchemyStore) -> None:
     assert sorted(i.id for i in page.data) == sorted(
         ["msg_taken", *(f"msg_{n}" for n in range(20))]
     )
+
+
+def test_a_write_that_fails_halfway_leaves_none_of_its_rows(store: SQLAlchemyStore) -> None:
+    """A write that stored a row and then failed is rolled back to its own savepoint:
+    its row is gone, the writes before and after it in the group are committed."""
+
+    @_writes
+    def thread_then_failure(thread: ThreadMetadata) -> None:
+        with store._tx(write=True) as conn:
+            store._insert_thread(conn, "alice", thread)
+            conn.exec_driver_sql("SELECT no_such_column FROM chatkit_threads")
+
+    async def main() -> list[Any]:
+        saves: list[Any] = [store.save_thread(ThreadMetadata(id=f"thr_{n}", created_at=T0), ALICE)
+                            for n in range(20)]  # fmt: skip
+        saves.insert(10, store._run(thread_then_failure, ThreadMetadata(id="thr_x", created_at=T0)))
+        return await asyncio.gather(*saves, return_exceptions=True)
+
+    results = asyncio.run(main())
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert len(failures) == 1 and "no_such_column" in str(failures[0]), failures
+    assert _stored_ids(store) == {f"thr_{n}" for n in range(20)}
+    # The group's connection is usable afterwards: the next group commits.
+    asyncio.run(store.save_thread(ThreadMetadata(id="thr_after", created_at=T0), ALICE))
+    assert "thr_after" in _stored_ids(store)
 
 
 def test_a_failed_commit_fails_every_write_of_its_group(store: SQLAlchemyStore) -> None:
