@@ -8,9 +8,10 @@ counted), so a test can tell that cancelled streams left no task behind, and
 store, hidden ones (the SDK's "stream cancelled" item) included, and
 ``GET /_test/lifecycle``: the worker's stop plan and collector settings
 (bridge/lifecycle.py), and ``GET /_test/hubs``: how many gevent hubs the worker
-runs besides its own and the loop thread's, how many threads the store's pool has started, and whether
-a SQLite file's group writer started its thread. ``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own
-collector thresholds before ``init_app``.
+runs besides its own and the loop thread's, how many threads the store's pool has
+started, and whether a SQLite file's group writer started its thread.
+``TEST_GC_THRESHOLD`` ("a,b,c") sets the app's own collector thresholds before
+``init_app``.
 Native thread counts are read from ``/proc/<pid>/status`` by the tests.
 """
 

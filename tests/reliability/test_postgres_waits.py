@@ -11,6 +11,9 @@ gevent hub per native thread for every query.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,9 @@ import psycopg
 import requests
 
 from .conftest import create_thread, list_threads, login, serve
+
+# No store thread started, no gevent hub on any other thread.
+ON_THE_HUB = {"other_threads_hubs": 0, "store_threads": 0, "writer_thread": None}
 
 
 def _probe(url: str) -> dict[str, Any]:
@@ -58,7 +64,7 @@ def test_store_calls_run_on_the_hub_and_wait_cooperatively(
         for n in range(3):
             create_thread(session, server.url, f"hello {n} words=3")
         # Every store call of those streams ran on the hub: no native thread started.
-        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0, "writer_thread": None}
+        assert _probe(server.url) == ON_THE_HUB
 
         # A stream whose first write (the new thread) waits for the lock, on a
         # greenlet of the hub: the worker answers other requests meanwhile.
@@ -73,7 +79,7 @@ def test_store_calls_run_on_the_hub_and_wait_cooperatively(
         listed = _held_by_lock(dsn, server.url, lambda: list_threads(session, server.url))
         assert thread_id in {t["id"] for t in listed[0]}
         assert len(listed[0]) == 4
-        assert _probe(server.url) == {"other_threads_hubs": 0, "store_threads": 0, "writer_thread": None}
+        assert _probe(server.url) == ON_THE_HUB
 
 
 def test_with_the_loop_on_a_thread_store_threads_wait_in_c(
@@ -111,3 +117,23 @@ def test_a_blocking_psycopg_wait_keeps_store_calls_off_the_hub(
         )
         assert any(e.get("type") == "thread.created" for e in created[0][1])
         assert _probe(server.url)["store_threads"] >= 1
+
+
+def test_more_calls_than_connections_queue_for_one_instead_of_timing_out(
+    shared_pg_url: str,
+) -> None:
+    """On the hub, 8 writes at once through an engine of 2 connections (pool timeout
+    1 s), all held 2.5 s by a lock: 2 hold the connections, the others wait their turn
+    outside SQLAlchemy's pool (``SQLAlchemyStore._in_hub_slot``), and all 8 land. Left
+    to wait in the pool, 6 would fail with its TimeoutError."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.reliability.hub_slots", shared_pg_url],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2],
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outcome = json.loads(done.stdout.strip().splitlines()[-1])
+    assert outcome["errors"] == [None] * 8, outcome
+    assert outcome["stored"] == 8, outcome
+    assert outcome["connections_in_use_while_held"] == 2, outcome
+    assert outcome["store_threads"] == 0, outcome  # greenlets on the hub, no native thread
+    assert outcome["seconds"] >= 2.5, outcome  # they did wait for the lock

@@ -81,7 +81,8 @@ def test_the_wal_is_checkpointed_off_the_loop(tmp_path: Path) -> None:
             try:
                 names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
                 table = next(n for n in names if n.endswith("threads"))
-                return conn.execute(f"SELECT count(*) FROM {table} WHERE id = ?", (first,)).fetchone()[0] == 1
+                query = f"SELECT count(*) FROM {table} WHERE id = ?"
+                return conn.execute(query, (first,)).fetchone()[0] == 1
             except StopIteration:
                 return False
             finally:
