@@ -68,8 +68,26 @@ class Server:
         raise RuntimeError("no VmRSS")
 
     def cpu_seconds(self) -> float:
-        fields = Path(f"/proc/{self.worker_pid()}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        """CPU time the serving process has used, all its threads.
+
+        From each thread's ``schedstat`` (nanoseconds): the process's ``utime`` and
+        ``stime`` count 10 ms ticks, ±2.5% of a 100-stream round of section B. The
+        ticks are the answer only where ``schedstat`` is missing: they also hold the
+        time of threads that have exited, which the sum below would lose (the hosts
+        here keep their threads for their lifetime).
+        """
+        pid = self.worker_pid()
+        total = 0
+        try:
+            for task in Path(f"/proc/{pid}/task").iterdir():
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except FileNotFoundError:  # the thread exited meanwhile
+                    continue
+            return total / 1e9
+        except (FileNotFoundError, ValueError, IndexError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")[-3000:]
