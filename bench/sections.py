@@ -223,8 +223,9 @@ def _streams_section(
     failed: dict[tuple[int, str], int] = {}
     with run_servers(hosts, db_urls=db_urls) as servers:
         for n in sizes:
-            # 2,000 streams run once (a round takes ~20 s per host). At 1,000 a single
-            # round's CPU ratio ranged 0.88-1.11x: the median of cfg.rounds, not of two.
+            # 2,000 streams run once (a round takes ~20 s per host); smaller sizes take
+            # cfg.rounds, so the summary's median is of three rounds, not the mean of two:
+            # single rounds differ by several per cent (ANALYSIS.md).
             rounds = 1 if n >= 2000 else cfg.rounds
             for rnd in range(rounds):
                 for name in hosts:

@@ -461,9 +461,10 @@ class _GroupWriter:
 
         The SAVEPOINT goes to the driver's connection directly: SQLAlchemy's
         ``begin_nested()`` compiles its SAVEPOINT and RELEASE statements anew each
-        time, and that was over half of what a small write (a new thread, a
-        message) cost the group. SQLAlchemy's own nested transactions inside a
-        write still work: their savepoints have names of their own.
+        time, more work than a small write (a new thread, a message) itself, and
+        under gevent the group holds the hub while it runs. SQLAlchemy's own nested
+        transactions inside a write still work: their savepoints have names of their
+        own.
         """
         dbapi = conn.connection.dbapi_connection
         assert dbapi is not None  # the group holds the connection checked out
