@@ -199,6 +199,12 @@ async def _many_streams(
     ))
 
 
+def _warm_up(server: Server) -> None:
+    """50 one-word streams on a fresh server: its first-request costs (connections, caches,
+    threads started on demand) then belong to no measured round."""
+    run(_many_streams(server.port, 50, loadgen.create_body("words=1"), timeout=30))
+
+
 def section_b(cfg: Settings) -> Section:
     return _streams_section(cfg, "B", cfg.stream_sizes)
 
@@ -222,14 +228,11 @@ def _streams_section(
     cpu_per: dict[tuple[int, str], list[float]] = {}
     failed: dict[tuple[int, str], int] = {}
     with run_servers(hosts, db_urls=db_urls) as servers:
-        # Fresh servers: first-request costs (connections, caches, threads started on
-        # demand) belong to no round, as in section D and bench.ab.
-        warm = loadgen.create_body("words=1")
         for name in hosts:
-            run(_many_streams(servers[name].port, 50, warm, timeout=30))
+            _warm_up(servers[name])
         time.sleep(1.0)
         for n in sizes:
-            # 2,000 streams run once (a round takes ~20 s per host); larger sizes take
+            # 2,000 streams run once (a round takes ~20 s per host); the sizes between take
             # cfg.rounds, so the summary's median is of three rounds, not the mean of two:
             # single rounds differ by several per cent (ANALYSIS.md). A 100-stream round's
             # p99 is its second-highest sample, the noisiest figure here, and a round
@@ -408,18 +411,11 @@ def section_d(cfg: Settings) -> Section:
         ["host", "round", "RSS before KiB", "RSS with streams KiB", "streams open",
          "KiB/stream"],
     )
-    warm = loadgen.create_body("words=1")
     for rnd in range(cfg.rounds):
         with run_servers(hosts) as servers:  # fresh processes: a clean baseline
             for name in hosts:
                 server = servers[name]
-
-                async def warmup(port: int) -> None:
-                    await asyncio.gather(
-                        *(loadgen.stream(port, "/chatkit", warm, timeout=30) for _ in range(50))
-                    )
-
-                run(warmup(server.port))
+                _warm_up(server)
                 time.sleep(0.5)
                 before = server.rss_kib()
                 rss, opened, _ = run(_hold_streams(server, n, settle=1.0))
