@@ -21,7 +21,7 @@ from chatkit.types import (
     ThreadItemDoneEvent,
     UserMessageItem,
 )
-from flask import Flask, jsonify
+from flask import Flask, jsonify, request
 
 from flask_chatkit.bridge.native import native_thread_id
 
@@ -65,6 +65,17 @@ async def _answer() -> int:
     return 42
 
 
+async def _own_loop_throughout(seconds: float) -> bool:
+    """Wait ``seconds`` in steps; whether each step still saw its own loop running."""
+    loop = asyncio.get_running_loop()
+    steps = 10
+    seen = []
+    for _ in range(steps):
+        await asyncio.sleep(seconds / steps)  # reads the running loop before each wait
+        seen.append(asyncio.get_running_loop() is loop)
+    return all(seen)
+
+
 def gunicorn_app() -> Flask:
     # The built-in SQLAlchemyStore (CHATKIT_DATABASE_URL): its reads answer inline.
     url = os.environ["CHATKIT_DATABASE_URL"]
@@ -88,6 +99,15 @@ def gunicorn_app() -> Flask:
             running_loop=running is not None,
             asyncio_run=asyncio.run(_answer()),
             async_to_sync=async_to_sync(_answer)(),
+        )
+
+    @app.get("/_test/nested")
+    def nested() -> Any:
+        # An asyncio loop of the view's own, waiting while the worker's loop has work.
+        seconds = float(request.args.get("seconds", "0.5"))
+        return jsonify(
+            asyncio_run=asyncio.run(_own_loop_throughout(seconds)),
+            async_to_sync=async_to_sync(_own_loop_throughout)(seconds),
         )
 
     @app.get("/_test/ping")

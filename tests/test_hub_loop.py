@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -72,7 +74,7 @@ def test_views_see_no_running_loop_while_streams_run(tmp_path: Path) -> None:
             for sock in socks:
                 read_until(sock, b"text_delta", timeout=30)  # every stream is open on the loop now
             views = requests.get(f"{server.url}/_test/views", timeout=30)
-            assert views.status_code == 200, views.text
+            assert views.status_code == 200, server.log()[-4000:]
             assert views.json() == {"running_loop": False, "asyncio_run": 42, "async_to_sync": 42}
             # A store read answered on the request's greenlet (no loop running there).
             listed = alice.post(
@@ -83,6 +85,41 @@ def test_views_see_no_running_loop_while_streams_run(tmp_path: Path) -> None:
             for sock in socks:
                 sock.close()
         assert "Traceback" not in server.log()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_a_views_own_asyncio_loop_keeps_running_while_the_workers_loop_runs(
+    tmp_path: Path,
+) -> None:
+    """``asyncio.run`` and ``async_to_sync`` in a view wait cooperatively, and the worker's
+    loop runs in those waits: the view's loop must still be the running one when it
+    resumes, and a stream that starts meanwhile must stay the worker loop's (its async
+    generators are not closed when the view's loop ends)."""
+    with start_gunicorn(tmp_path, APP, env=database(tmp_path)) as server:
+        alice = logged_in_session(server.url, "alice")
+        spinner = open_stream(server.url, alice, "spin=6")  # the loop always has work
+        late = None
+        try:
+            read_until(spinner, b"spinning", timeout=30)
+            with ThreadPoolExecutor(1) as pool:
+                nested = pool.submit(
+                    requests.get, f"{server.url}/_test/nested?seconds=1.5", timeout=60
+                )
+                time.sleep(0.3)  # the view's loops are waiting now: start a stream
+                late = open_stream(server.url, alice, "words=20 delay=0.1")
+                answer = nested.result(timeout=60)
+            assert answer.status_code == 200, server.log()[-4000:]
+            assert answer.json() == {"asyncio_run": True, "async_to_sync": True}
+            streamed = read_until(late, b"thread.item.done", timeout=30)
+            assert streamed.count(b"text_delta") == 20
+        finally:
+            spinner.close()
+            if late is not None:
+                late.close()
+        log = server.log()
+        # The view's loop would otherwise try to close the late stream's generators.
+        assert "Traceback" not in log and "asynchronous generator" not in log, log[-3000:]
 
 
 @pytest.mark.integration

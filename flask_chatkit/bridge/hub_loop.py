@@ -11,14 +11,19 @@ Figures: ``docs/design/request-flow.md``; ``CHATKIT_LOOP = "thread"`` turns it o
 
 Deliberate departures from a plain asyncio loop, cited where they are made:
 
-1. asyncio keeps its running loop per OS thread. Left set while the loop waits,
-   every request greenlet would see a running loop: ``run_inline``'s store reads
-   would go async, and ``asyncio.run`` or asgiref's ``async_to_sync`` in a Flask
-   view would refuse to run. :class:`HubSelector` clears it whenever the loop
-   greenlet waits for I/O and sets it back when it resumes. (Code on the loop
-   that waits cooperatively by itself, e.g. a patched socket call made directly
-   inside an async ``respond``, already stalls every stream; while it waits the
-   other greenlets see the loop as running.)
+1. asyncio keeps its running loop, and its async-generator hooks, per OS thread.
+   Left set while the loop waits, every request greenlet would see a running loop:
+   ``run_inline``'s store reads would go async, and ``asyncio.run`` or asgiref's
+   ``async_to_sync`` in a Flask view would refuse to run. :class:`HubSelector`
+   gives them back whenever the loop greenlet waits for I/O: the running loop and
+   hooks that the hub's other greenlets had when the loop resumed, not simply none.
+   A view's own ``asyncio.run`` waits cooperatively too, and the loop may run in
+   that wait: cleared instead, the view's loop would resume with no running loop
+   (``asyncio.sleep`` then raises), and async generators our streams start meanwhile
+   would register with the view's loop, which closes them when it ends. (Code on
+   the loop that waits cooperatively by itself, e.g. a patched socket call made
+   directly inside an async ``respond``, already stalls every stream; while it
+   waits the other greenlets see the loop as running.)
 2. Work handed over from the hub's own thread skips asyncio's self-pipe (a write
    and a read per hand-over): :meth:`HubLoop.call_soon` queues the callback and
    ends the selector's wait with a greenlet switch. Other threads (store
@@ -32,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import selectors
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +71,11 @@ class HubSelector(selectors._BaseSelectorImpl):
         self._fired: list[int] = []  # fds whose watcher stopped when it fired
         self._waiter: Waiter[Any] | None = None  # set while the loop greenlet waits
         self._woken = False
+        # Departure 1: what the hub's other greenlets had when the loop last resumed,
+        # and the loop's own async-generator hooks (set by HubLoop).
+        self._outside_loop: asyncio.AbstractEventLoop | None = None
+        self._outside_hooks: tuple[Any, Any] | None = None  # None: the loop's own
+        self.own_hooks: tuple[Any, Any] = (None, None)
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         key = super().register(fileobj, events, data)
@@ -119,7 +130,9 @@ class HubSelector(selectors._BaseSelectorImpl):
             self._woken = True  # the loop runs: its next select must not wait
 
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        asyncio._set_running_loop(None)  # departure 1
+        asyncio._set_running_loop(self._outside_loop)  # departure 1
+        if self._outside_hooks is not None:
+            sys.set_asyncgen_hooks(*self._outside_hooks)
         try:
             for fd in self._fired:
                 watcher = self._watchers.get(fd)  # None: unregistered meanwhile
@@ -142,6 +155,15 @@ class HubSelector(selectors._BaseSelectorImpl):
             self._ready.clear()
             return ready
         finally:
+            outside = asyncio._get_running_loop()
+            self._outside_loop = None if outside is self.loop else outside
+            current = sys.get_asyncgen_hooks()
+            hooks = (current.firstiter, current.finalizer)
+            if hooks == self.own_hooks:
+                self._outside_hooks = None
+            else:
+                self._outside_hooks = hooks
+                sys.set_asyncgen_hooks(*self.own_hooks)
             asyncio._set_running_loop(self.loop)
 
     def _wait(self, timeout: float | None) -> None:
@@ -177,6 +199,11 @@ class HubLoop:
         self.selector = HubSelector()
         self.loop = HubEventLoop(self.selector)
         self.selector.loop = self.loop
+        # The hooks run_forever sets: restored by the selector after a foreign loop's.
+        self.selector.own_hooks = (
+            self.loop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
+            self.loop._asyncgen_finalizer_hook,  # type: ignore[attr-defined]
+        )
         # asyncio.to_thread / getaddrinfo need threads that really run in parallel.
         self.loop.set_default_executor(NativeThreadPool(executor_workers, "chatkit-loop-executor"))
         hub = gevent.get_hub()
