@@ -72,10 +72,19 @@ class HubSelector(selectors._BaseSelectorImpl):
         self._waiter: Waiter[Any] | None = None  # set while the loop greenlet waits
         self._woken = False
         # Departure 1: what the hub's other greenlets had when the loop last resumed,
-        # and the loop's own async-generator hooks (set by HubLoop).
+        # and the loop's own async-generator hooks (set by attach).
         self._outside_loop: asyncio.AbstractEventLoop | None = None
         self._outside_hooks: tuple[Any, Any] | None = None  # None: the loop's own
-        self.own_hooks: tuple[Any, Any] = (None, None)
+        self._own_hooks: tuple[Any, Any] = (None, None)
+
+    def attach(self, loop: asyncio.BaseEventLoop) -> None:
+        """Serve ``loop``: its running-loop mark and the async-generator hooks its
+        ``run_forever`` sets are what this selector swaps in and out (departure 1)."""
+        self.loop = loop
+        self._own_hooks = (
+            loop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
+            loop._asyncgen_finalizer_hook,  # type: ignore[attr-defined]
+        )
 
     def register(self, fileobj: Any, events: int, data: Any = None) -> selectors.SelectorKey:
         key = super().register(fileobj, events, data)
@@ -159,11 +168,11 @@ class HubSelector(selectors._BaseSelectorImpl):
             self._outside_loop = None if outside is self.loop else outside
             current = sys.get_asyncgen_hooks()
             hooks = (current.firstiter, current.finalizer)
-            if hooks == self.own_hooks:
+            if hooks == self._own_hooks:
                 self._outside_hooks = None
             else:
                 self._outside_hooks = hooks
-                sys.set_asyncgen_hooks(*self.own_hooks)
+                sys.set_asyncgen_hooks(*self._own_hooks)
             asyncio._set_running_loop(self.loop)
 
     def _wait(self, timeout: float | None) -> None:
@@ -198,12 +207,7 @@ class HubLoop:
     def __init__(self, executor_workers: int) -> None:
         self.selector = HubSelector()
         self.loop = HubEventLoop(self.selector)
-        self.selector.loop = self.loop
-        # The hooks run_forever sets: restored by the selector after a foreign loop's.
-        self.selector.own_hooks = (
-            self.loop._asyncgen_firstiter_hook,  # type: ignore[attr-defined]
-            self.loop._asyncgen_finalizer_hook,  # type: ignore[attr-defined]
-        )
+        self.selector.attach(self.loop)
         # asyncio.to_thread / getaddrinfo need threads that really run in parallel.
         self.loop.set_default_executor(NativeThreadPool(executor_workers, "chatkit-loop-executor"))
         hub = gevent.get_hub()
